@@ -82,7 +82,8 @@ class DecoderOnlyConfig(PreTrainedConfig):
     Standard transformers fields: vocab_size, intermediate_size (seed formula when `None`), head_dim, hidden_act,
     rms_norm_eps (1e-6), layer_norm_eps (1e-5, final LayerNorm), final_norm (`"layernorm"` | `"rmsnorm"`),
     max_position_embeddings (2048, or `yarn_original_max_position * yarn_scale` with YaRN; not a length limit),
-    rope_parameters (`rope_theta` 10000), attention_bias, mlp_bias, attention_dropout (0), initializer_range,
+    rope_parameters (`rope_theta` 10000), attention_bias (q/k/v/o of softmax and dual_chunk layers),
+    attention_output_bias (o_proj only; defaults to attention_bias, False for Qwen2's pattern), mlp_bias, attention_dropout (0), initializer_range,
     tie_word_embeddings, pad/bos/eos token ids, use_cache.
     """
 
@@ -139,6 +140,7 @@ class DecoderOnlyConfig(PreTrainedConfig):
     layer_norm_eps: float = 1e-5
     final_norm: str = "layernorm"
     attention_bias: bool = False
+    attention_output_bias: bool | None = None
     mlp_bias: bool = False
     initializer_range: float = 0.02
     use_cache: bool = True
@@ -159,6 +161,8 @@ class DecoderOnlyConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.intermediate_size is None:
             self.intermediate_size = default_intermediate_size(self.hidden_size)
+        if self.attention_output_bias is None:
+            self.attention_output_bias = self.attention_bias
         self._derive_attention_layout()
         self._derive_rope(kwargs)
         self._derive_dual_chunk()
