@@ -17,6 +17,7 @@ from .modeling_decoder_only import (
     DecoderOnlyModelOutput,
     DecoderOnlyPreTrainedModel,
 )
+from .seed import DecoderOnly
 
 
 AutoConfig.register(DecoderOnlyConfig.model_type, DecoderOnlyConfig, exist_ok=True)
@@ -26,6 +27,7 @@ AutoModelForSequenceClassification.register(DecoderOnlyConfig, DecoderOnlyForSeq
 
 __all__ = [
     "ATTENTION_CLASSES",
+    "DecoderOnly",
     "DecoderOnlyConfig",
     "DecoderOnlyForCausalLM",
     "DecoderOnlyForSequenceClassification",

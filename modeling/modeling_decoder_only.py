@@ -219,6 +219,11 @@ class DecoderOnlyModel(DecoderOnlyPreTrainedModel):
                 f"inputs_embeds={'set' if inputs_embeds is not None else None})."
             )
         if input_ids is not None:
+            if input_ids.is_floating_point():
+                raise TypeError(
+                    f"`input_ids` must be integer token ids, got {input_ids.dtype}; pass continuous feature vectors "
+                    "[batch, seq, embed_dim] as `inputs_embeds=`."
+                )
             if input_ids.dim() != 2:
                 raise ValueError(f"`input_ids` must be [batch, seq], got shape {tuple(input_ids.shape)}.")
             if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.config.vocab_size):
@@ -283,6 +288,16 @@ class DecoderOnlyForCausalLM(DecoderOnlyPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_llama(cls, source, **config_overrides) -> "DecoderOnlyForCausalLM":
+        """An equivalent DecoderOnly model from a transformers `LlamaForCausalLM` / `Qwen2ForCausalLM` (an instance
+        or a saved folder): RMSNorm final norm, the source's biases, no input projection, eval mode. Overrides are
+        DecoderOnlyConfig fields applied afterwards, e.g. `attention_type="dual_chunk", chunk_size=..., local_size=...`.
+        """
+        from .convert import convert_llama  # noqa: PLC0415  (conversion needs transformers' Auto classes)
+
+        return convert_llama(cls, source, **config_overrides)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
