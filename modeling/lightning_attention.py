@@ -1,9 +1,370 @@
-"""Lightning Attention-2 (MiniMax-01 layer). Placeholder until its issue lands."""
+"""Lightning Attention-2, the linear-attention layer of MiniMax-01 (attention-math.md §4).
 
+Per head, with a fixed decay `λ = exp(-s)`, the layer computes
+
+    S_t = λ S_{t-1} + k_tᵀ v_t,        o_t = q_t S_t
+
+over SiLU-activated q, k, v: no softmax, no `1/√d`, no RoPE. A forward runs the *block algorithm*: inside a block of
+`m` tokens the masked left product `((Q Kᵀ) ⊙ M) V`, across blocks the carried state `S`. Every decay factor is
+`exp(-s·Δ)` with `Δ ≥ 0`, so nothing overflows however long the sequence, and the state is accumulated in fp32.
+
+The pure math lives in module-level functions (`lightning_slopes`, `lightning_decay_rates`, `lightning_decay_tables`,
+`lightning_attention_blockwise`, `lightning_attention_step`) so that the tests can run them in float64 against the
+plain formulas. The module owns the projections, the joint RMSNorm, the output gate and the recurrent-state cache
+protocol of `recurrent_cache.py`.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
+from transformers.masking_utils import find_packed_sequence_indices
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .layers import DecoderOnlyRMSNorm
 
 
+# ----------------------------------------------------------------------------------------------------- decay rates
+def _alibi_powers(num_heads: int) -> list[float]:
+    """`2^(-8(h+1)/n)` for `h = 0 … n-1`: the ALiBi slopes of a power-of-two head count."""
+    return [2.0 ** (-8.0 * (h + 1) / num_heads) for h in range(num_heads)]
+
+
+def lightning_slopes(num_heads: int) -> torch.Tensor:
+    """Base decay slopes `[num_heads]` (float64), ALiBi rule including head counts that are not a power of 2.
+
+    A non-power-of-2 count `H` takes the `P = 2^⌊log₂ H⌋` slopes of `P` heads, then every other slope of `2P` heads
+    (those that interleave with the first `P`), as vLLM and the OpenNLPLab kernels do. transformers' MiniMax uses
+    `pow2(H)` for every `H`; both agree for powers of 2.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    closest_power = 2 ** math.floor(math.log2(num_heads))
+    slopes = _alibi_powers(closest_power)
+    if closest_power != num_heads:
+        slopes += _alibi_powers(2 * closest_power)[0::2][: num_heads - closest_power]
+    return torch.tensor(slopes, dtype=torch.float64)
+
+
+def lightning_layer_factor(layer_idx: int, num_layers: int) -> float:
+    """MiniMax's per-layer slope factor `1 - l/(N-1+1e-5) + 1e-5` (global layer index, softmax layers counted).
+
+    Early layers decay fast (local), the last layer hardly decays (an almost plain cumulative sum). The `1e-5` terms
+    keep it finite and positive for `N = 1` and for the last layer.
+    """
+    return 1.0 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5
+
+
+def lightning_decay_rates(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """Decay rates `s_{l,h}` `[num_heads]` (float64); the per-token decay is `λ = exp(-s)`."""
+    return lightning_slopes(num_heads) * lightning_layer_factor(layer_idx, num_layers)
+
+
+def lightning_decay_tables(
+    decay_rates: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Decay tables of one block, in the dtype of `decay_rates [H]`.
+
+    Returns `query_decay [H, bs] = λ^(a+1)`, `key_decay [H, bs] = λ^(bs-1-b)` and `diagonal_decay [H, bs, bs] =
+    λ^(a-b)` for `b ≤ a`, exactly 0 above the diagonal. A shorter block of `m` tokens uses the first `m` query
+    entries, the LAST `m` key entries (`λ^(m-1…0)`) and the leading `m × m` corner (§4.4).
+    """
+    index = torch.arange(block_size, dtype=decay_rates.dtype, device=decay_rates.device)
+    rates = decay_rates[:, None]
+    query_decay = torch.exp(-rates * (index + 1))
+    key_decay = torch.exp(-rates * (block_size - 1 - index))
+    distance = index[:, None] - index[None, :]
+    # Exponents are clamped to >= 0 before exp; the upper triangle is then set to an exact 0 (never exp(+x)).
+    diagonal_decay = torch.exp(-rates[:, :, None] * distance.clamp(min=0))
+    diagonal_decay = torch.where(distance >= 0, diagonal_decay, torch.zeros_like(diagonal_decay))
+    return query_decay, key_decay, diagonal_decay
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """State and products are fp32 for every input dtype (float64 stays float64, for the oracles)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# -------------------------------------------------------------------------------------------------------- the core
+def _lightning_block(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: torch.Tensor,
+    decay_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    segment_ids: torch.Tensor | None,
+    state_segment: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of `m` tokens: `(out [B,H,m,d], new state)`.
+
+    With packed sequences (`segment_ids [B|1, m]`, `state_segment [B|1]` = the sequence that owns `state`), the
+    intra mask is zeroed across sequences, only tokens of the owning sequence read `state`, and the new state is
+    built from the block's last sequence alone, keeping the old one only if that sequence owns it (§4.5).
+    """
+    query_decay, key_decay, diagonal_decay = decay_tables
+    length = query.shape[2]
+    query_decay = query_decay[:, :length, None]  # λ^(a+1)
+    key_decay = key_decay[:, -length:, None]  # λ^(m-1-b)
+    intra_decay = diagonal_decay[:, :length, :length]  # λ^(a-b), b ≤ a
+    carry_decay = query_decay[:, -1:, :]  # λ^m
+    decayed_query = query * query_decay
+    decayed_key = key * key_decay
+    if segment_ids is not None:
+        segments = segment_ids[:, None, :, None]  # [B, 1, m, 1]
+        last_segment = segments[:, :, -1:, :]
+        intra_decay = intra_decay * (segments == segments.transpose(-1, -2))
+        decayed_query = decayed_query * (segments == state_segment[:, None, None, None])
+        decayed_key = decayed_key * (segments == last_segment)
+        carry_decay = carry_decay * (last_segment == state_segment[:, None, None, None])
+    intra = torch.matmul(torch.matmul(query, key.transpose(-1, -2)) * intra_decay, value)
+    inter = torch.matmul(decayed_query, state)
+    state = state * carry_decay + torch.matmul(decayed_key.transpose(-1, -2), value)
+    return intra + inter, state
+
+
+def _lightning_per_token_states(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: torch.Tensor,
+    decay_rates: torch.Tensor,
+    segment_ids: torch.Tensor | None,
+    state_segment: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A short run of `n` tokens that also returns the state after each one: `(out [B,H,n,d], states [B,H,n,d,d])`.
+
+    `S_t = λ^(t+1) S + Σ_{j≤t} λ^(t-j) k_jᵀ v_j` and `o_t = q_t S_t`, in closed form (no token loop). Used for the
+    few trailing tokens whose states the cache records for a later rollback (assisted decoding).
+    """
+    length = query.shape[2]
+    index = torch.arange(length, dtype=decay_rates.dtype, device=decay_rates.device)
+    rates = decay_rates[:, None]
+    state_decay = torch.exp(-rates * (index + 1))[:, :, None]  # [H, n, 1]
+    distance = index[:, None] - index[None, :]
+    token_decay = torch.exp(-rates[:, :, None] * distance.clamp(min=0))
+    token_decay = torch.where(distance >= 0, token_decay, torch.zeros_like(token_decay))  # [H, n, n]
+    if segment_ids is not None:
+        segments = segment_ids[:, None, :, None]
+        token_decay = token_decay * (segments == segments.transpose(-1, -2))
+        state_decay = state_decay * (segments == state_segment[:, None, None, None])
+    states = state_decay[..., None] * state[:, :, None] + torch.einsum(
+        "bhtj,bhjd,bhje->bhtde", token_decay.expand(query.shape[0], -1, -1, -1), key, value
+    )
+    return torch.einsum("bhtd,bhtde->bhte", query, states), states
+
+
+def lightning_attention_blockwise(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    decay_rates: torch.Tensor,
+    block_size: int,
+    initial_state: torch.Tensor | None = None,
+    segment_ids: torch.Tensor | None = None,
+    keep_states: int = 0,
+    decay_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Lightning Attention-2 core over `T` tokens (attention-math §4.3–4.5).
+
+    Args:
+        query, key, value: `[B, H, T, d]`, already activated and masked.
+        decay_rates: `[H]`, the rates `s` (`λ = exp(-s)`).
+        block_size: block length; any `T` works (the last block may be shorter) and the result does not depend on it.
+        initial_state: `[B, H, d, d]` state before the first token (zero when `None`); it belongs to the first
+            sequence of each row.
+        segment_ids: `[B|1, T]` non-decreasing sequence ids of packed rows (`find_packed_sequence_indices`); the state
+            restarts at 0 at each new id. `None` for one sequence per row.
+        keep_states: also return the states after each of the last `keep_states` tokens.
+        decay_tables: precomputed `lightning_decay_tables(decay_rates, block_size)`; computed here when `None`.
+
+    Returns:
+        `(out [B, H, T, d] in the input dtype, final state [B, H, d, d] in fp32 (float64 for float64 inputs),
+        states [B, H, keep_states, d, d] or None)`.
+    """
+    batch, num_heads, length, head_dim = query.shape
+    dtype = _accumulation_dtype(query.dtype)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    decay_rates = decay_rates.to(device=query.device, dtype=dtype)
+    if decay_tables is None:
+        decay_tables = lightning_decay_tables(decay_rates, block_size)
+    decay_tables = tuple(table.to(device=query.device, dtype=dtype) for table in decay_tables)
+    if initial_state is None:
+        state = query.new_zeros(batch, num_heads, head_dim, value.shape[-1])
+    else:
+        state = initial_state.to(dtype)
+    # The incoming state belongs to each row's first sequence.
+    state_segment = segment_ids[:, 0] if segment_ids is not None else None
+
+    num_recorded = min(keep_states, length)
+    blocked_length = length - num_recorded
+    outputs = []
+    for start in range(0, blocked_length, block_size):
+        end = min(start + block_size, blocked_length)
+        block_segments = segment_ids[:, start:end] if segment_ids is not None else None
+        out, state = _lightning_block(
+            query[:, :, start:end],
+            key[:, :, start:end],
+            value[:, :, start:end],
+            state,
+            decay_tables,
+            block_segments,
+            state_segment,
+        )
+        outputs.append(out)
+        if block_segments is not None:
+            state_segment = block_segments[:, -1]
+
+    states = None
+    if num_recorded > 0:
+        tail_segments = segment_ids[:, blocked_length:] if segment_ids is not None else None
+        out, states = _lightning_per_token_states(
+            query[:, :, blocked_length:],
+            key[:, :, blocked_length:],
+            value[:, :, blocked_length:],
+            state,
+            decay_rates,
+            tail_segments,
+            state_segment,
+        )
+        outputs.append(out)
+        state = states[:, :, -1]
+    return torch.cat(outputs, dim=2), state, states
+
+
+def lightning_attention_step(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay_rates: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode token (`[B, H, 1, d]`): `S ← λ S + kᵀ v`, `o = q S`. Returns `(out, new state)`."""
+    dtype = _accumulation_dtype(query.dtype)
+    decay = torch.exp(-decay_rates.to(device=query.device, dtype=dtype))[:, None, None]
+    key, value = key.to(dtype), value.to(dtype)
+    state = decay * state.to(dtype) + torch.matmul(key.transpose(-1, -2), value)
+    return torch.matmul(query.to(dtype), state), state
+
+
+# --------------------------------------------------------------------------------------------------------- module
 class DecoderOnlyLightningAttention(nn.Module):
+    """MiniMax-01 Lightning attention layer (attention-math §4.1).
+
+    `qkv_proj` is fused in MiniMax's per-head layout `[q_h | k_h | v_h]`, so weights copy one to one from
+    transformers' `MiniMaxLightningAttention`. All `num_attention_heads` heads are used for q, k and v.
+    The recurrent state lives in a `linear_attention` cache layer (`recurrent_cache.DecoderOnlyLinearAttentionLayer`).
+    """
+
+    slope_rate: torch.Tensor
+    query_decay: torch.Tensor
+    key_decay: torch.Tensor
+    diagonal_decay: torch.Tensor
+
     def __init__(self, config, layer_idx: int) -> None:
         super().__init__()
-        raise NotImplementedError("attention type 'lightning' is not implemented yet")
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.block_size = config.block_size
+        inner_size = self.num_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * inner_size, bias=False)
+        self.output_gate = nn.Linear(config.hidden_size, inner_size, bias=False)
+        self.norm = DecoderOnlyRMSNorm(inner_size, eps=config.rms_norm_eps)
+        self.out_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
+        # Non-persistent: checkpoints do not depend on `block_size`. `_init_buffers` refills them after loading.
+        for name, value in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"), self._buffer_values()):
+            self.register_buffer(name, value, persistent=False)
+
+    def _buffer_values(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """`(decay rates [H], query_decay [H, bs], key_decay [H, bs], diagonal_decay [H, bs, bs])`, from float64."""
+        decay_rates = lightning_decay_rates(self.num_heads, self.layer_idx, self.config.num_hidden_layers)
+        tables = lightning_decay_tables(decay_rates, self.block_size)
+        return tuple(value.to(dtype) for value in (decay_rates, *tables))
+
+    def _init_buffers(self) -> None:
+        """Recompute every buffer built in `__init__`. The model's `_init_weights` calls this for each lightning
+        module: `from_pretrained` does not load non-persistent buffers and would otherwise leave garbage in them."""
+        for name, value in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"), self._buffer_values()):
+            init.copy_(getattr(self, name), value)
+
+    def _decay(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Decay rates and tables in the accumulation dtype. The fp32 buffers are used as they are; for float64, or
+        if a `.to(bf16)` has rounded the buffers, they are recomputed exactly (cheap: `H·bs²` exponentials)."""
+        if self.slope_rate.dtype == dtype:
+            return self.slope_rate, (self.query_decay, self.key_decay, self.diagonal_decay)
+        decay_rates, *tables = (value.to(device) for value in self._buffer_values(dtype))
+        return decay_rates, tuple(tables)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        position_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """`hidden_states [B, T, D] -> (out [B, T, D], None)`.
+
+        `attention_mask` is the 2-D padding mask of the current tokens (`create_recurrent_attention_mask`, 1 = real
+        token) or `None`; padded tokens get zero q, k, v, so they leave the state untouched. `position_ids` that
+        restart inside a row mark packed sequences; the state restarts at each of them. `position_embeddings` is
+        unused (no RoPE in lightning layers).
+        """
+        batch, length, _ = hidden_states.shape
+        qkv = F.silu(self.qkv_proj(hidden_states))
+        if attention_mask is not None:
+            if attention_mask.ndim != 2:
+                raise ValueError(
+                    f"DecoderOnlyLightningAttention: `attention_mask` must be the 2-D padding mask [batch, tokens] "
+                    f"(create_recurrent_attention_mask), got shape {tuple(attention_mask.shape)}."
+                )
+            qkv = qkv * attention_mask[:, -length:, None].to(qkv.dtype)
+        qkv = qkv.view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        query, key, value = qkv.split(self.head_dim, dim=-1)
+
+        state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
+        if state is not None and torch.is_grad_enabled():
+            state = state.clone()  # the cache overwrites its state in place below; autograd may still need this one
+        states_to_keep = cache.get_recurrent_states_to_keep(self.layer_idx) if cache is not None else 0
+        # A rollback of r <= keep tokens after a forward of `keep + 1` verified tokens needs the states after the
+        # last `keep + 1` tokens (transformers-v5.md §8.3).
+        num_recorded = min(length, states_to_keep + 1) if states_to_keep else 0
+        dtype = _accumulation_dtype(hidden_states.dtype)
+        decay_rates, decay_tables = self._decay(dtype, hidden_states.device)
+
+        if length == 1 and state is not None:
+            out, final_state = lightning_attention_step(query, key, value, decay_rates, state)
+            recorded = final_state[:, :, None] if num_recorded else None
+        else:
+            segment_ids = find_packed_sequence_indices(position_ids) if position_ids is not None else None
+            out, final_state, recorded = lightning_attention_blockwise(
+                query,
+                key,
+                value,
+                decay_rates,
+                self.block_size,
+                initial_state=state,
+                segment_ids=segment_ids,
+                keep_states=num_recorded,
+                decay_tables=decay_tables,
+            )
+        if cache is not None:
+            new_states = list(recorded.unbind(2)) if num_recorded else final_state
+            cache.update_recurrent_state(new_states, self.layer_idx, num_new_tokens=length)
+
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim).to(hidden_states.dtype)
+        out = self.norm(out)
+        out = torch.sigmoid(self.output_gate(hidden_states)) * out
+        return self.out_proj(out), None
+
+
+__all__ = [
+    "DecoderOnlyLightningAttention",
+    "lightning_attention_blockwise",
+    "lightning_attention_step",
+    "lightning_decay_rates",
+    "lightning_decay_tables",
+    "lightning_layer_factor",
+    "lightning_slopes",
+]
