@@ -19,7 +19,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.utils.deprecation import deprecate_kwarg
 
@@ -184,7 +183,7 @@ def lightning_attention_blockwise(
         states [B, H, keep_states, d, d] or None)`.
     """
     batch, num_heads, length, head_dim = query.shape
-    dtype = _accumulation_dtype(query.dtype)
+    input_dtype, dtype = query.dtype, _accumulation_dtype(query.dtype)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     decay_rates = decay_rates.to(device=query.device, dtype=dtype)
     if decay_tables is None:
@@ -230,21 +229,25 @@ def lightning_attention_blockwise(
         )
         outputs.append(out)
         state = states[:, :, -1]
-    return torch.cat(outputs, dim=2), state, states
+    return torch.cat(outputs, dim=2).to(input_dtype), state, states
 
 
 def lightning_attention_step(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay_rates: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode token (`[B, H, 1, d]`): `S ← λ S + kᵀ v`, `o = q S`. Returns `(out, new state)`."""
+    """One decode token (`[B, H, 1, d]`): `S ← λ S + kᵀ v`, `o = q S`. Returns `(out` in the input dtype`, new
+    state` in fp32 (float64 for float64 inputs)`)`."""
     dtype = _accumulation_dtype(query.dtype)
     decay = torch.exp(-decay_rates.to(device=query.device, dtype=dtype))[:, None, None]
     key, value = key.to(dtype), value.to(dtype)
     state = decay * state.to(dtype) + torch.matmul(key.transpose(-1, -2), value)
-    return torch.matmul(query.to(dtype), state), state
+    return torch.matmul(query.to(dtype), state).to(query.dtype), state
 
 
 # --------------------------------------------------------------------------------------------------------- module
+_BUFFER_NAMES = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+
+
 class DecoderOnlyLightningAttention(nn.Module):
     """MiniMax-01 Lightning attention layer (attention-math §4.1).
 
@@ -270,8 +273,8 @@ class DecoderOnlyLightningAttention(nn.Module):
         self.output_gate = nn.Linear(config.hidden_size, inner_size, bias=False)
         self.norm = DecoderOnlyRMSNorm(inner_size, eps=config.rms_norm_eps)
         self.out_proj = nn.Linear(inner_size, config.hidden_size, bias=False)
-        # Non-persistent: checkpoints do not depend on `block_size`. `_init_buffers` refills them after loading.
-        for name, value in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"), self._buffer_values()):
+        # Non-persistent, so checkpoints do not depend on `block_size`; `_init_weights` refills them (`init_buffers`).
+        for name, value in self.init_buffers().items():
             self.register_buffer(name, value, persistent=False)
 
     def _buffer_values(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
@@ -280,16 +283,16 @@ class DecoderOnlyLightningAttention(nn.Module):
         tables = lightning_decay_tables(decay_rates, self.block_size)
         return tuple(value.to(dtype) for value in (decay_rates, *tables))
 
-    def _init_buffers(self) -> None:
-        """Recompute every buffer built in `__init__`. The model's `_init_weights` calls this for each lightning
-        module: `from_pretrained` does not load non-persistent buffers and would otherwise leave garbage in them."""
-        for name, value in zip(("slope_rate", "query_decay", "key_decay", "diagonal_decay"), self._buffer_values()):
-            init.copy_(getattr(self, name), value)
+    def init_buffers(self) -> dict[str, torch.Tensor]:
+        """Name -> value of every buffer built in `__init__`. The model's `_init_weights` copies them back with
+        `init.copy_`: `from_pretrained` does not load non-persistent buffers and would otherwise leave garbage."""
+        return dict(zip(_BUFFER_NAMES, self._buffer_values()))
 
     def _decay(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Decay rates and tables in the accumulation dtype. The fp32 buffers are used as they are; for float64, or
-        if a `.to(bf16)` has rounded the buffers, they are recomputed exactly (cheap: `H·bs²` exponentials)."""
-        if self.slope_rate.dtype == dtype:
+        """Decay rates and tables in the accumulation dtype. The fp32 buffers serve fp32 accumulation; float64, or
+        buffers that a `.to(...)` has cast (bf16 rounds them, float64 only widens fp32 values), get tables recomputed
+        from float64 (cheap: `H·bs²` exponentials)."""
+        if dtype == torch.float32 and self.slope_rate.dtype == torch.float32:
             return self.slope_rate, (self.query_decay, self.key_decay, self.diagonal_decay)
         decay_rates, *tables = (value.to(device) for value in self._buffer_values(dtype))
         return decay_rates, tuple(tables)
