@@ -109,7 +109,8 @@ class DecoderOnlyPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _can_record_outputs = {
         "hidden_states": DecoderOnlyDecoderLayer,
-        "attentions": (DecoderOnlyAttention, DecoderOnlyDualChunkAttention),
+        # A list (one recorder per class), the format transformers accepts; a tuple is not a valid recorder.
+        "attentions": [DecoderOnlyAttention, DecoderOnlyDualChunkAttention],
     }
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -163,7 +164,9 @@ class DecoderOnlyModel(DecoderOnlyPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         hidden_states = self.input_proj(inputs_embeds) if self.input_proj is not None else inputs_embeds
 
-        if use_cache and cache is None:
+        # No default cache in training: it is never reused there, and its presence would disable transformers'
+        # packed-sequence (padding-free) mask detection.
+        if use_cache and cache is None and not self.training:
             cache = DynamicCache(config=self.config)
         if cache is not None:
             ensure_recurrent_cache_layers(cache, self.config)
