@@ -225,8 +225,8 @@ def llama_attention_like(layer, dtype):
 def test_equals_rope_attention_up_to_chunk_size_plus_one(path):
     chunk_size, local_size = 8, 2
     chunk_len = chunk_size - local_size
-    layer32 = use_path(make_layer(chunk_size, local_size, dtype=torch.float32, scale=1.0), path)
-    layer64 = use_path(make_layer(chunk_size, local_size, dtype=torch.float64, scale=1.0), path)
+    layer32 = use_path(make_layer(chunk_size, local_size, dtype=torch.float32), path)
+    layer64 = use_path(make_layer(chunk_size, local_size, dtype=torch.float64), path)
     llama, rotary = llama_attention_like(layer32, torch.float32)
     for length in (chunk_len, chunk_len + 1, chunk_size, chunk_size + 1, chunk_size + 2):
         x = inputs(2, length)
@@ -237,12 +237,12 @@ def test_equals_rope_attention_up_to_chunk_size_plus_one(path):
         expected32, _ = llama(x.float(), position_embeddings=rotary(x.float(), position_ids), attention_mask=None)
         if length <= chunk_size + 1:
             # Exact in math; the fp32 RoPE tables of different absolute angles round differently (~1e-7).
-            assert (out64 - plain).abs().max() <= 1e-6, length
+            assert (out64 - plain).abs().max() <= 1e-6 * plain.abs().max(), length
             assert (out32 - expected32).abs().max() <= 1e-5 * expected32.abs().max(), length
         else:
             # From cs + 2 on, the last query's successive-chunk distances are clamped.
             assert (out64[:, -1] - plain[:, -1]).abs().max() > 1e-2
-            assert (out64[:, :-1] - plain[:, :-1]).abs().max() <= 1e-6
+            assert (out64[:, :-1] - plain[:, :-1]).abs().max() <= 1e-6 * plain.abs().max()
             assert (out32[:, -1] - expected32[:, -1]).abs().max() > 1e-2
 
 
@@ -372,34 +372,45 @@ def test_causality(path):
     assert (out[:, 17:] - out_perturbed[:, 17:]).abs().amin(-1).min() > 0
 
 
-def loss_and_grads(layer, x, **kwargs):
+def loss_and_grads(layer, x, real, **kwargs):
+    """Outputs of real rows and the gradients of a weighted sum of them (pad rows' outputs are ignored, as a loss
+    with label -100 ignores them; the two paths fill those fully masked rows differently, both finite)."""
     x = x.clone().requires_grad_(True)
     out, _ = layer(x, **kwargs)
-    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out) * real[..., None]
     (out * weight).sum().backward()
     grads = [x.grad] + [p.grad.clone() for p in layer.parameters()]
     layer.zero_grad()
-    return out.detach(), grads
+    return out.detach() * real[..., None], grads
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("padded", [False, True])
-def test_fast_path_equals_reference_with_gradients(dtype, tolerance, padded):
+def test_fast_path_equals_reference_with_gradients(dtype, padded):
     layer = make_layer(24, 6, dtype=dtype)
     x = inputs(2, 70, dtype=dtype)
+    real = torch.ones(2, 70, dtype=torch.bool)
     kwargs = {"position_ids": positions_for(2, 70)}
     if padded:
-        mask_2d = torch.ones(2, 70, dtype=torch.long)
-        mask_2d[1, :9] = 0
-        kwargs["position_ids"] = (mask_2d.cumsum(-1) - 1).masked_fill(mask_2d == 0, 1)
-        kwargs["attention_mask"] = build_mask(layer, x, mask_2d, kwargs["position_ids"], "sdpa")
+        real[1, :9] = False
+        kwargs["position_ids"] = (real.cumsum(-1) - 1).masked_fill(~real, 1)
+        kwargs["attention_mask"] = build_mask(layer, x, real.long(), kwargs["position_ids"], "sdpa")
     results = {}
     for path in ("reference", "fast"):
-        results[path] = loss_and_grads(use_path(layer, path, rows_per_tile=7), x, **kwargs)
+        results[path] = loss_and_grads(use_path(layer, path, rows_per_tile=7), x, real, **kwargs)
     (out_ref, grads_ref), (out_fast, grads_fast) = results["reference"], results["fast"]
-    assert (out_fast - out_ref).abs().max() <= tolerance * max(1.0, out_ref.abs().max())
-    for grad_ref, grad_fast in zip(grads_ref, grads_fast):
-        assert (grad_fast - grad_ref).abs().max() <= tolerance * max(1.0, grad_ref.abs().max())
+    assert torch.isfinite(out_fast).all()
+    if dtype == torch.float64:
+        assert (out_fast - out_ref).abs().max() <= 1e-10
+        for grad_ref, grad_fast in zip(grads_ref, grads_fast):
+            assert (grad_fast - grad_ref).abs().max() <= 1e-10
+    else:
+        # fp32 sanity (exactness is the float64 check above): outputs elementwise relative to their scale;
+        # gradients are sums over all 140 tokens accumulated in different orders (the flash backward works in fp32
+        # blocks), so each path lies up to ~1.5e-5 (relative) from the float64 gradient; compare in norm.
+        assert (out_fast - out_ref).abs().max() <= 1e-5 * out_ref.abs().max()
+        for grad_ref, grad_fast in zip(grads_ref, grads_fast):
+            assert (grad_fast - grad_ref).norm() <= 5e-5 * grad_ref.norm()
 
 
 def test_fast_path_float_mask_equals_bool_mask():
