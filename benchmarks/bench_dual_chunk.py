@@ -1,0 +1,178 @@
+"""Dual Chunk Attention speed and memory, side by side in one run (prints tables, saves
+benchmarks/results/dual_chunk.png).
+
+1. Prefill time and peak memory vs sequence length: one DCA layer (tiled flash path with log-sum-exp merge) vs one
+   softmax GQA layer with plain causal SDPA, same shapes (hidden 256, 8 heads, 2 kv heads, head_dim 32), batch 1.
+   Both timings include the q/k/v/o projections and the RoPE tables. For reference, the exact selected-scores path
+   of the DCA layer (`reference`, query tiles of 256 rows) up to 4k.
+2. Decode time per token vs context length, with a DynamicCache filled to that length.
+
+DCA setting: chunk_size 2048, local_size 256 (the config default chunk_size // 8), so c = 1792 and 8k tokens span 5
+chunks (16k: 10), i.e. every part (intra, succ, inter) is exercised.
+
+Peak memory is the peak of torch's live CPU allocations during one prefill, from the profiler's memory events
+(`profile_memory=True`: every allocation and free, summed in time order), minus the live memory at the start.
+
+Target on 2 CPU cores: DCA prefill at 8k <= 1.5x the SDPA layer's time.
+
+    python benchmarks/bench_dual_chunk.py            # full run (lengths 1k ... 16k)
+    python benchmarks/bench_dual_chunk.py --quick    # a short smoke run
+"""
+
+import argparse
+import os
+
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler (memory measurement) is chatty otherwise
+
+import torch  # noqa: E402
+from transformers.cache_utils import DynamicCache  # noqa: E402
+
+from common import median_seconds, print_table, save_plot  # noqa: E402
+from configuration import DecoderOnlyConfig  # noqa: E402
+from modeling.dual_chunk_attention import DecoderOnlyDualChunkAttention  # noqa: E402
+from modeling.gqa_attention import DecoderOnlyAttention  # noqa: E402
+from modeling.layers import DecoderOnlyRotaryEmbedding  # noqa: E402
+
+
+HIDDEN, HEADS, KV_HEADS = 256, 8, 2
+CHUNK_SIZE, LOCAL_SIZE = 2048, 256
+
+
+def build_layers():
+    common = {"hidden_size": HIDDEN, "num_heads": HEADS, "num_kv_heads": KV_HEADS, "num_layers": 1, "dropout": 0.0}
+    dca_config = DecoderOnlyConfig(
+        attention_type="dual_chunk", chunk_size=CHUNK_SIZE, local_size=LOCAL_SIZE, attn_implementation="sdpa", **common
+    )
+    gqa_config = DecoderOnlyConfig(attn_implementation="sdpa", **common)
+    dca = DecoderOnlyDualChunkAttention(dca_config, layer_idx=0).eval()
+    gqa = DecoderOnlyAttention(gqa_config, layer_idx=0).eval()
+    gqa.load_state_dict(dca.state_dict())
+    return dca, gqa, DecoderOnlyRotaryEmbedding(gqa_config)
+
+
+def prefill_fns(dca, gqa, rotary, hidden):
+    position_ids = torch.arange(hidden.shape[1])[None]
+
+    def run_dca():
+        return dca(hidden, position_ids=position_ids)
+
+    def run_reference():
+        dca.fast_path_min_tokens = 10**12
+        try:
+            return dca(hidden, position_ids=position_ids)
+        finally:
+            dca.fast_path_min_tokens = DecoderOnlyDualChunkAttention.fast_path_min_tokens
+
+    def run_sdpa():  # mask None: transformers' sdpa path runs with is_causal=True
+        return gqa(hidden, position_embeddings=rotary(hidden, position_ids), attention_mask=None)
+
+    return {"dca": run_dca, "reference": run_reference, "sdpa": run_sdpa}
+
+
+def peak_memory_mib(fn) -> float:
+    """Peak of torch's live CPU allocations during `fn()` above the level at its start (profiler memory events)."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
+    )
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def decode_seconds(layer, context: int, repeats: int, rotary=None) -> float:
+    """Median time of one new token over a cache holding `context` tokens (cropped back after every step)."""
+    generator = torch.Generator().manual_seed(0)
+    cache = DynamicCache()
+    head_dim = HIDDEN // HEADS
+    keys = torch.randn(1, KV_HEADS, context, head_dim, generator=generator)
+    cache.update(keys, torch.randn(1, KV_HEADS, context, head_dim, generator=generator), 0)
+    token = torch.randn(1, 1, HIDDEN, generator=generator)
+    position_ids = torch.tensor([[context]])
+
+    def step():
+        if rotary is None:
+            layer(token, position_ids=position_ids, cache=cache)
+        else:
+            layer(token, position_embeddings=rotary(token, position_ids), attention_mask=None, cache=cache)
+        cache.crop(-1)
+
+    return median_seconds(step, repeats=repeats, warmup=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="lengths 1k, 2k, 4k and fewer repeats")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    lengths = [1024, 2048, 4096] if args.quick else [1024, 2048, 4096, 8192, 16384]
+    repeats = 2 if args.quick else 5
+    dca, gqa, rotary = build_layers()
+
+    prefill_rows, memory_rows = [], []
+    times = {"dca": [], "sdpa": [], "reference": []}
+    memory = {"dca": [], "sdpa": [], "reference": []}
+    for length in lengths:
+        hidden = torch.randn(1, length, HIDDEN)
+        fns = prefill_fns(dca, gqa, rotary, hidden)
+        with torch.no_grad():
+            torch.testing.assert_close(fns["dca"]()[0], fns["reference"]()[0], rtol=1e-4, atol=1e-4)
+        names = ["dca", "sdpa"] + (["reference"] if length <= 4096 else [])
+        for name in names:
+            times[name].append(median_seconds(fns[name], repeats=repeats, warmup=1))
+            memory[name].append(peak_memory_mib(fns[name]))
+        ref_time = f"{times['reference'][-1] * 1e3:.1f}" if "reference" in names else "-"
+        ref_mem = f"{memory['reference'][-1]:.1f}" if "reference" in names else "-"
+        prefill_rows.append(
+            [length, times["dca"][-1] * 1e3, times["sdpa"][-1] * 1e3, times["dca"][-1] / times["sdpa"][-1], ref_time]
+        )
+        memory_rows.append([length, memory["dca"][-1], memory["sdpa"][-1], ref_mem])
+        print(f"  prefill {length}: done", flush=True)
+
+    decode_rows, decode = [], {"dca": [], "sdpa": []}
+    for length in lengths:
+        decode["dca"].append(decode_seconds(dca, length, repeats * 4))
+        decode["sdpa"].append(decode_seconds(gqa, length, repeats * 4, rotary=rotary))
+        decode_rows.append([length, decode["dca"][-1] * 1e3, decode["sdpa"][-1] * 1e3, decode["dca"][-1] / decode["sdpa"][-1]])
+
+    setting = f"hidden {HIDDEN}, {HEADS} heads, {KV_HEADS} kv heads, chunk_size {CHUNK_SIZE}, local_size {LOCAL_SIZE}"
+    print_table(
+        f"Prefill, one layer, batch 1 ({setting}); median of {repeats}",
+        ["tokens", "DCA ms", "SDPA causal ms", "DCA / SDPA", "DCA reference ms"],
+        prefill_rows,
+    )
+    print_table(
+        "Prefill peak memory above the inputs (MiB, torch CPU allocations)",
+        ["tokens", "DCA", "SDPA causal", "DCA reference"],
+        memory_rows,
+    )
+    print_table("Decode, one token over a cache of N tokens", ["context", "DCA ms", "SDPA ms", "DCA / SDPA"], decode_rows)
+    if 8192 in lengths:
+        i = lengths.index(8192)
+        ratio = times["dca"][i] / times["sdpa"][i]
+        print(f"\n8k prefill ratio DCA / SDPA causal: {ratio:.2f} (target <= 1.5): {'OK' if ratio <= 1.5 else 'MISSED'}")
+
+    short = lengths[: len(times["reference"])]
+    path = save_plot(
+        "dual_chunk",
+        [
+            {"title": "Prefill time (one layer)", "xlabel": "tokens", "ylabel": "seconds",
+             "series": {"DCA (flash + LSE)": (lengths, times["dca"]), "SDPA causal": (lengths, times["sdpa"]),
+                        "DCA reference": (short, times["reference"])}},
+            {"title": "Prefill peak memory", "xlabel": "tokens", "ylabel": "MiB",
+             "series": {"DCA (flash + LSE)": (lengths, memory["dca"]), "SDPA causal": (lengths, memory["sdpa"]),
+                        "DCA reference": (short, memory["reference"])}},
+            {"title": "Decode time per token", "xlabel": "context tokens", "ylabel": "seconds",
+             "series": {"DCA": (lengths, decode["dca"]), "SDPA": (lengths, decode["sdpa"])}},
+        ],
+    )  # fmt: skip
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    main()
