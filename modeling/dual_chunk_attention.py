@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .gqa_attention import qkvo_projections
-from .layers import apply_rotary, compute_default_rope_parameters, repeat_kv, rope_cos_sin
+from .layers import apply_rotary, compute_default_rope_parameters, repeat_kv, rope_cos_sin, rotate_half
 
 
 # Private CPU kernels returning / consuming the log-sum-exp (guarded: the fallback is plain torch).
@@ -118,19 +118,23 @@ def dual_chunk_reference_attention(
 
     `queries` are the rotated (intra, succ, inter) queries `[B, H, T, d]` (temperature folded in), `key`/`value`
     `[B, K, S, d]` with keys rotated at `p mod c`, positions `[B, T]` / `[B, S]`. Query rows are processed in tiles of
-    `rows_per_tile` (all at once when returning weights), so memory is `O(tile * S)`.
-    Returns `(out [B, H, T, d], weights [B, H, T, S] | None)`.
+    `rows_per_tile` (all at once when returning weights), so memory is `O(tile * S)`. The query heads of a kv head
+    are stacked into one matrix product instead of copying the keys and values `H/K` times (`repeat_kv`), which
+    keeps decoding over a long cache cheap. Returns `(out [B, H, T, d], weights [B, H, T, S] | None)`.
     """
-    key = repeat_kv(key, num_key_value_groups)
-    value = repeat_kv(value, num_key_value_groups)
-    num_queries, num_keys = queries[0].shape[2], key.shape[2]
+    batch, num_heads, num_queries, head_dim = queries[0].shape
+    num_keys = key.shape[2]
     score_dtype = torch.promote_types(queries[0].dtype, torch.float32)
     tile = num_queries if return_weights or not rows_per_tile else rows_per_tile
     outputs, weights = [], []
     for start in range(0, num_queries, tile):
         rows = slice(start, min(start + tile, num_queries))
+        num_rows = rows.stop - rows.start
         parts = dual_chunk_parts(query_positions[:, rows], key_positions, chunk_len)[:, None]
-        intra, succ, inter = (torch.matmul(q[:, :, rows], key.transpose(2, 3)) for q in queries)
+        # The three rotations in one product, so the keys are read once (decoding is bound by reading the cache).
+        stacked = torch.cat([_group_heads(q[:, :, rows], num_key_value_groups) for q in queries], dim=2)
+        intra, succ, inter = torch.matmul(stacked, key.transpose(2, 3)).chunk(3, dim=2)
+        intra, succ, inter = (s.reshape(batch, num_heads, num_rows, num_keys) for s in (intra, succ, inter))
         scores = torch.where(parts == INTRA, intra, torch.where(parts == SUCC, succ, inter)).to(score_dtype) * scaling
         allowed, bias = _allowed_and_bias(attention_mask, rows, num_keys, past_len, score_dtype, key.device)
         if bias is not None:
@@ -138,10 +142,18 @@ def dual_chunk_reference_attention(
         scores = scores.masked_fill(~allowed, torch.finfo(score_dtype).min)
         probs = nn.functional.softmax(scores, dim=-1, dtype=score_dtype).to(value.dtype)
         probs = nn.functional.dropout(probs, p=dropout, training=training)
-        outputs.append(torch.matmul(probs, value))
+        out = torch.matmul(_group_heads(probs, num_key_value_groups), value)
+        outputs.append(out.view(batch, num_heads, num_rows, head_dim))
         if return_weights:
             weights.append(probs)
     return torch.cat(outputs, dim=2), (torch.cat(weights, dim=2) if return_weights else None)
+
+
+def _group_heads(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[B, H, T, X] -> [B, K, G*T, X]`: the G query heads served by kv head j (heads jG ... jG+G-1, `repeat_kv`
+    order) stacked along the rows."""
+    batch, num_heads, num_rows, width = states.shape
+    return states.reshape(batch, num_heads // groups, groups * num_rows, width)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -411,6 +423,16 @@ class DecoderOnlyDualChunkAttention(nn.Module):
         cos, sin = rope_cos_sin(inv_freq, positions, states.dtype)
         return apply_rotary(states, cos[:, None], sin[:, None])
 
+    @staticmethod
+    def _rotate_queries(
+        query: torch.Tensor, positions: tuple[torch.Tensor, ...], inv_freq: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
+        """The query rotated at each of several position sets. `apply_rotary(x) = x cos + rotate_half(x) sin`, and
+        `rotate_half(x)` does not depend on the position, so it is computed once for all of them."""
+        rotated_half = rotate_half(query)
+        tables = (rope_cos_sin(inv_freq, p, query.dtype) for p in positions)
+        return tuple(query * cos[:, None] + rotated_half * sin[:, None] for cos, sin in tables)
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -443,12 +465,12 @@ class DecoderOnlyDualChunkAttention(nn.Module):
         key, value = key[:, :, :num_keys], value[:, :, :num_keys]
 
         # The temperature multiplies every logit of the row once: fold it into the queries (keys are cached without).
-        temperature = dual_chunk_temperature(position_ids, self.original_max_position_embeddings)
-        query = query * temperature.to(query.dtype)[:, None, None, None]
-        queries = tuple(
-            self._rotate(query, positions, inv_freq)
-            for positions in dual_chunk_query_positions(position_ids, self.chunk_len, self.chunk_size)
-        )
+        if self.original_max_position_embeddings:
+            temperature = dual_chunk_temperature(position_ids, self.original_max_position_embeddings)
+            query = query * temperature.to(query.dtype)[:, None, None, None]
+        intra, succ, inter = dual_chunk_query_positions(position_ids, self.chunk_len, self.chunk_size)
+        # The inter position is one constant: a [B, 1] table broadcasts over the tokens.
+        queries = self._rotate_queries(query, (intra, succ, inter[:, :1]), inv_freq)
         attention_mask = _as_4d_mask(attention_mask, num_queries)
         dropout = self.attention_dropout if self.training else 0.0
         return_weights = bool(kwargs.get("output_attentions")) or self.config._attn_implementation == "eager"
