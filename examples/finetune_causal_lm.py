@@ -58,36 +58,16 @@ def load_texts(text_file: str | None = None, synthetic: bool = False, num_synthe
     return texts or synthetic_corpus(num_synthetic_lines)
 
 
-def _bpe_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE trained with `tokenizers` directly (used when `modeling.tokenization` is unavailable)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 def get_tokenizer(texts: list[str], vocab_size: int = 512, tokenizer_name_or_path: str | None = None):
-    """A saved tokenizer (`tokenizer_name_or_path`), else a byte-level BPE trained offline on `texts`."""
+    """A saved tokenizer (`tokenizer_name_or_path`), else a byte-level BPE trained offline on `texts`
+    (`modeling.tokenization.train_tokenizer`: `<pad>`, `<s>`, `</s>` are ids 0, 1, 2)."""
     if tokenizer_name_or_path:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(tokenizer_name_or_path)
-    try:
-        from modeling.tokenization import train_tokenizer
-    except ImportError:
-        tokenizer = _bpe_tokenizer(texts, vocab_size)
-    else:
-        tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    from modeling.tokenization import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
