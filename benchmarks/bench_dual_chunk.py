@@ -10,8 +10,8 @@ benchmarks/results/dual_chunk.png).
 DCA setting: chunk_size 2048, local_size 256 (the config default chunk_size // 8), so c = 1792 and 8k tokens span 5
 chunks (16k: 10), i.e. every part (intra, succ, inter) is exercised.
 
-Peak memory is the peak of torch's live CPU allocations during one prefill, from the profiler's memory events
-(`profile_memory=True`: every allocation and free, summed in time order), minus the live memory at the start.
+Peak memory is the peak of torch's live CPU allocations during one prefill above the level at its start, from the
+torch profiler's memory accounting (`profile_memory=True`; see `peak_memory_mib`).
 
 Target on 2 CPU cores: DCA prefill at 8k <= 1.5x the SDPA layer's time.
 
@@ -71,15 +71,17 @@ def prefill_fns(dca, gqa, rotary, hidden):
 
 
 def peak_memory_mib(fn) -> float:
-    """Peak of torch's live CPU allocations during `fn()` above the level at its start (profiler memory events)."""
+    """Peak of torch's live CPU allocations during `fn()` above the level at its start.
+
+    The profiler (`profile_memory=True`) attributes to every op the net memory it allocated itself (outputs kept,
+    temporaries freed) and records frees outside ops as `[memory]` events; summed in time order this is the live
+    memory curve. Scratch buffers allocated and freed inside one kernel (e.g. the flash kernels' blocks) are not
+    seen; every tensor an op returns is."""
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted(
-        (e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start
-    )
     live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return peak / 2**20
 
