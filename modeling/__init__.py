@@ -17,6 +17,7 @@ from .modeling_decoder_only import (
     DecoderOnlyModelOutput,
     DecoderOnlyPreTrainedModel,
 )
+from .hub import enable_hub_export
 from .seed import DecoderOnly
 
 
@@ -24,6 +25,8 @@ AutoConfig.register(DecoderOnlyConfig.model_type, DecoderOnlyConfig, exist_ok=Tr
 AutoModel.register(DecoderOnlyConfig, DecoderOnlyModel, exist_ok=True)
 AutoModelForCausalLM.register(DecoderOnlyConfig, DecoderOnlyForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(DecoderOnlyConfig, DecoderOnlyForSequenceClassification, exist_ok=True)
+# save_pretrained / push_to_hub of every DecoderOnly model write the Hub-ready folder (code, full auto_map, README).
+enable_hub_export(DecoderOnlyPreTrainedModel)
 
 __all__ = [
     "ATTENTION_CLASSES",
