@@ -12,6 +12,7 @@ from transformers.cache_utils import DynamicLayer, LinearAttentionLayer
 from transformers.models.minimax.configuration_minimax import MiniMaxConfig
 from transformers.models.minimax.modeling_minimax import MiniMaxCache, MiniMaxLightningAttention
 
+from helpers import randomize_, tiny_config
 from modeling.lightning_attention import (
     DecoderOnlyLightningAttention,
     lightning_attention_blockwise,
@@ -21,7 +22,6 @@ from modeling.lightning_attention import (
     lightning_slopes,
 )
 from modeling.recurrent_cache import DecoderOnlyLinearAttentionLayer, ensure_recurrent_cache_layers
-from tests.helpers import randomize_, tiny_config
 
 
 F64 = torch.float64
