@@ -242,7 +242,7 @@ def model_card_facts(model: PreTrainedModel, folder: str | os.PathLike | None = 
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__.split("+")[0],
         "tokenizer_usage": (
-            'tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id")'
+            'tokenizer = AutoTokenizer.from_pretrained("path/or/repo-id", trust_remote_code=True)'
             if has_tokenizer
             else f"# No tokenizer is saved with this checkpoint: bring one with vocab_size={config.vocab_size}."
         ),
@@ -299,7 +299,8 @@ def context_facts(config: DecoderOnlyConfig) -> dict[str, str]:
         ),
         "interleave_rope": "on" if config.interleave_rope else "off",
         "max_position_embeddings": str(config.max_position_embeddings),
-        "lightning": f"{config.block_size}" + (f" ({lightning} lightning layers)" if lightning else " (no lightning layer)"),
+        "lightning": f"{config.block_size}"
+        + (f" ({lightning} lightning layers)" if lightning else " (no lightning layer)"),
         "dual_chunk": f"{dca['chunk_size']} / {dca['local_size']} / "
         + (f"{temperature}" if temperature is not None else "None (no temperature scaling)")
         + (f" ({dual_chunk} dual_chunk layers)" if dual_chunk else " (no dual_chunk layer)"),

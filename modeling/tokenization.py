@@ -48,7 +48,9 @@ def train_tokenizer(
         raise ValueError("train_tokenizer: pass exactly one of `texts` or `files`.")
     minimum = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
     if vocab_size < minimum:
-        raise ValueError(f"train_tokenizer: `vocab_size`={vocab_size} is invalid: must be >= {minimum} (specials + bytes).")
+        raise ValueError(
+            f"train_tokenizer: `vocab_size`={vocab_size} is invalid: must be >= {minimum} (special tokens + 256 bytes)."
+        )
 
     backend = Tokenizer(models.BPE())
     # add_prefix_space=False: "Hello" and " Hello" stay different tokens, so decode(encode(x)) == x exactly.
