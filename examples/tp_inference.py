@@ -2,7 +2,7 @@
 """Tensor-parallel (TP) inference of a saved DecoderOnlyForCausalLM with transformers' built-in TP plan.
 
     torchrun --nproc_per_node 2 examples/tp_inference.py runs/finetune_causal_lm          # 2 CPU processes (gloo)
-    torchrun --nproc_per_node 2 examples/tp_inference.py runs/lm --legacy_tp_plan_argument  # from_pretrained(tp_plan=)
+    torchrun --nproc_per_node 2 examples/tp_inference.py runs/lm --api tp_plan     # from_pretrained(tp_plan="auto")
 
 `from_pretrained(folder, distributed_config=DistributedConfig(tp_plan="auto"))` shards the layers named in
 `DecoderOnlyConfig.base_model_tp_plan` (q/k/v/gate/up column-wise, o/down row-wise) and `lm_head`
@@ -30,8 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="saved DecoderOnlyForCausalLM folder")
     parser.add_argument("--output", help="result JSON (default: <model>/tp_result.json)")
     parser.add_argument("--seq_len", type=int, default=16)
-    parser.add_argument("--legacy_tp_plan_argument", action="store_true",
-                        help="use the deprecated from_pretrained(tp_plan='auto') form")
+    parser.add_argument("--api", default="distributed_config", choices=["distributed_config", "tp_plan", "both"],
+                        help="from_pretrained(distributed_config=DistributedConfig(tp_plan='auto')) (default), the "
+                             "deprecated from_pretrained(tp_plan='auto'), or both one after the other")
     return parser
 
 
@@ -44,45 +45,55 @@ def main(argv: list[str] | None = None) -> dict:
 
     import modeling  # noqa: F401  (registers the Auto classes)
 
-    if args.legacy_tp_plan_argument:
-        model = AutoModelForCausalLM.from_pretrained(args.model, tp_plan="auto")
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
-            args.model, distributed_config=DistributedConfig(tp_plan="auto")
-        )
-    model.eval()
     reference = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
     generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, model.config.vocab_size, (2, args.seq_len), generator=generator)
+    input_ids = torch.randint(0, reference.config.vocab_size, (2, args.seq_len), generator=generator)
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits
         expected = reference(input_ids=input_ids).logits
-    if isinstance(logits, DTensor):
-        logits = logits.full_tensor()
+
+    def load(api: str):
+        if api == "tp_plan":
+            return AutoModelForCausalLM.from_pretrained(args.model, tp_plan="auto").eval()
+        return AutoModelForCausalLM.from_pretrained(
+            args.model, distributed_config=DistributedConfig(tp_plan="auto")
+        ).eval()
+
+    result = {}
+    for api in ("distributed_config", "tp_plan") if args.api == "both" else (args.api,):
+        model = load(api)
+        with torch.no_grad():
+            logits = model(input_ids=input_ids).logits
+        if isinstance(logits, DTensor):
+            logits = logits.full_tensor()
+        result[api] = shard_report(model, reference, logits, expected)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0  # TP loading initialised it
+    result["rank"] = rank
+    print(json.dumps(result), flush=True)
+    if rank == 0:
+        with open(args.output or os.path.join(args.model, "tp_result.json"), "w") as handle:
+            json.dump(result, handle, indent=2)
+    return result
+
+
+def shard_report(model, reference, logits, expected) -> dict:
+    """World size, the logits' max difference to the unsharded model, and local shapes of some sharded weights."""
+    import torch
+    from torch.distributed.tensor import DTensor
 
     def local_shape(name: str) -> list[int]:
         weight = model.get_parameter(name)
         return list(weight.to_local().shape if isinstance(weight, DTensor) else weight.shape)
 
     q_name = "model.layers.0.self_attn.q_proj.weight"
-    result = {
-        "rank": rank,
-        "world_size": world,
+    return {
+        "world_size": torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1,
         "max_abs_diff": (logits - expected).abs().max().item(),
         "q_proj_full_shape": list(reference.get_parameter(q_name).shape),
         "q_proj_local_shape": local_shape(q_name),
         "o_proj_local_shape": local_shape("model.layers.0.self_attn.o_proj.weight"),
         "down_proj_local_shape": local_shape("model.layers.0.mlp.down_proj.weight"),
-        "dtensor_parameters": sum(isinstance(p, DTensor) for p in model.parameters()),
+        "dtensor_parameters": sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor)),
     }
-    print(json.dumps(result), flush=True)
-    if rank == 0:
-        with open(args.output or os.path.join(args.model, "tp_result.json"), "w") as handle:
-            json.dump(result, handle, indent=2)
-    return result
 
 
 if __name__ == "__main__":
