@@ -133,7 +133,8 @@ def test_output_and_state_do_not_depend_on_block_size():
 def test_prefill_then_continuation_equals_full_prefill(first, second, block_size):
     q, k, v, _ = random_qkv(length=first + second)
     full_out, full_final, _ = lightning_attention_blockwise(q, k, v, RATES, block_size)
-    out1, state1, _ = lightning_attention_blockwise(q[:, :, :first], k[:, :, :first], v[:, :, :first], RATES, block_size)
+    head = slice(0, first)
+    out1, state1, _ = lightning_attention_blockwise(q[:, :, head], k[:, :, head], v[:, :, head], RATES, block_size)
     out2, state2, _ = lightning_attention_blockwise(
         q[:, :, first:], k[:, :, first:], v[:, :, first:], RATES, block_size, initial_state=state1
     )
@@ -143,8 +144,9 @@ def test_prefill_then_continuation_equals_full_prefill(first, second, block_size
     # Then token-by-token decode from the prefill state.
     state = state1
     for t in range(first, first + second):
-        out_t, state = lightning_attention_step(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], RATES, state)
-        assert max_err(out_t, full_out[:, :, t : t + 1]) <= 1e-12
+        token = slice(t, t + 1)
+        out_t, state = lightning_attention_step(q[:, :, token], k[:, :, token], v[:, :, token], RATES, state)
+        assert max_err(out_t, full_out[:, :, token]) <= 1e-12
     assert max_err(state, full_final) <= 1e-12
 
 
@@ -461,7 +463,8 @@ def test_ensure_recurrent_cache_layers():
     cache.activate_past_recording(recurrent_states_to_keep=4)
     assert type(cache.layers[0]) is LinearAttentionLayer
     ensure_recurrent_cache_layers(cache, config)
-    assert [type(layer) for layer in cache.layers] == [DecoderOnlyLinearAttentionLayer, DynamicLayer, DecoderOnlyLinearAttentionLayer]
+    expected_types = [DecoderOnlyLinearAttentionLayer, DynamicLayer, DecoderOnlyLinearAttentionLayer]
+    assert [type(layer) for layer in cache.layers] == expected_types
     assert cache.layers[0].record_past and cache.get_recurrent_states_to_keep(0) == 4
     swapped = list(cache.layers)
     ensure_recurrent_cache_layers(cache, config)  # idempotent
@@ -469,7 +472,7 @@ def test_ensure_recurrent_cache_layers():
     # A bare DynamicCache() gets every layer, StaticCache keeps its static softmax layers.
     bare = DynamicCache()
     ensure_recurrent_cache_layers(bare, config)
-    assert [type(layer) for layer in bare.layers] == [DecoderOnlyLinearAttentionLayer, DynamicLayer, DecoderOnlyLinearAttentionLayer]
+    assert [type(layer) for layer in bare.layers] == expected_types
     static = StaticCache(config=config, max_cache_len=16)
     ensure_recurrent_cache_layers(static, config)
     assert isinstance(static.layers[2], DecoderOnlyLinearAttentionLayer)
@@ -486,9 +489,10 @@ def test_ensure_recurrent_cache_layers():
 
 def test_layer_initialises_its_buffers_and_parameters():
     layer = DecoderOnlyLightningAttention(lightning_config(num_attention_heads=4), layer_idx=1)
-    assert dict(layer.named_parameters()).keys() == {"qkv_proj.weight", "output_gate.weight", "norm.weight", "out_proj.weight"}
+    weights = {"qkv_proj.weight", "output_gate.weight", "norm.weight", "out_proj.weight"}
+    assert dict(layer.named_parameters()).keys() == weights
+    assert layer.state_dict().keys() == weights  # the decay buffers are not persistent
     assert layer.qkv_proj.weight.shape == (3 * 32, 32) and layer.out_proj.weight.shape == (32, 32)
-    assert layer.state_dict().keys() == {"qkv_proj.weight", "output_gate.weight", "norm.weight", "out_proj.weight"}
     expected = torch.tensor([1 / 4, 1 / 16, 1 / 64, 1 / 256]) * lightning_layer_factor(1, 3)
     torch.testing.assert_close(layer.slope_rate, expected)
     for name in ("slope_rate", "query_decay", "key_decay", "diagonal_decay"):
