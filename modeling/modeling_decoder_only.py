@@ -374,7 +374,9 @@ class DecoderOnlyForSequenceClassification(DecoderOnlyPreTrainedModel):
         logits = self.score(outputs.pooler_output)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+            # **kwargs carries the Trainer's num_items_in_batch: single-label cross-entropy then sums / counts over the
+            # whole accumulated (and all-reduced) batch, as the Trainer assumes for a forward that takes **kwargs.
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,

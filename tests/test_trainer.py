@@ -268,6 +268,27 @@ def test_sequence_classification_example_learns_feature_task(tmp_path):
     assert result["eval_loss_after"] < result["eval_loss_before"] - 0.2
 
 
+def test_sequence_classification_gradient_accumulation(tmp_path):
+    """Classification under the Trainer: batch 8 x accumulation 1 == batch 2 x accumulation 4 (SGD, one step; within
+    1e-6). The forward takes **kwargs, so the Trainer does not divide the loss by the accumulation steps and relies on
+    num_items_in_batch reaching the cross-entropy; without that the update was 4x too large."""
+    ds = finetune_sequence_classification.FeatureSequenceDataset(16, 12, min_len=4, max_len=8, seed=0)
+
+    def one_step(batch, accum):
+        torch.manual_seed(0)
+        model = DecoderOnlyForSequenceClassification(tiny_config(embed_dim=12, num_labels=2, vocab_size=1))
+        init = _weights(model)
+        args = _args(tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_steps=1,
+                     optim="sgd", learning_rate=0.5, max_grad_norm=0.0, remove_unused_columns=False)
+        Trainer(model=model, args=args, train_dataset=ds,
+                data_collator=finetune_sequence_classification.FeatureCollator()).train()
+        return {k: v - init[k] for k, v in _weights(model).items()}
+
+    full, accumulated = one_step(8, 1), one_step(2, 4)
+    assert full["score.weight"].abs().max() > 1e-3
+    assert _max_diff(full, accumulated) < 1e-6
+
+
 @pytest.mark.parametrize("embed_dim", [12, 287])
 def test_feature_collator_padding_side_invariant(embed_dim):
     """The collator's right- and left-padded batches give the same logits (pooler_output = last real position;
