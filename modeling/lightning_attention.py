@@ -235,8 +235,10 @@ def lightning_attention_blockwise(
 def lightning_attention_step(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, decay_rates: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode token (`[B, H, 1, d]`): `S ← λ S + kᵀ v`, `o = q S`. Returns `(out` in the input dtype`, new
-    state` in fp32 (float64 for float64 inputs)`)`."""
+    """One decode token (`[B, H, 1, d]`): `S ← λ S + kᵀ v`, `o = q S`.
+
+    Returns `(out, new_state)`: the output in the input dtype, the state in fp32 (float64 for float64 inputs).
+    """
     dtype = _accumulation_dtype(query.dtype)
     decay = torch.exp(-decay_rates.to(device=query.device, dtype=dtype))[:, None, None]
     key, value = key.to(dtype), value.to(dtype)
