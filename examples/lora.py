@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         adapted_logits = peft_model(input_ids=probe).logits
         with peft_model.disable_adapter():
             base_logits = peft_model(input_ids=probe).logits
-    if not args.no_save:
+    save = not args.no_save and trainer.is_world_process_zero()  # one writer under torchrun
+    if save:
         peft_model.save_pretrained(os.path.join(args.output_dir, "adapter"))
     merged = peft_model.merge_and_unload()
     with torch.no_grad():
@@ -130,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         "merge_max_abs_diff": (merged_logits - adapted_logits).abs().max().item(),
         "adapter_effect_max_abs": (adapted_logits - base_logits).abs().max().item(),
     }
-    print(json.dumps(result, indent=2))
-    if not args.no_save:
+    if trainer.is_world_process_zero():
+        print(json.dumps(result, indent=2))
+    if save:
         merged.save_pretrained(os.path.join(args.output_dir, "merged"))
         tokenizer.save_pretrained(os.path.join(args.output_dir, "merged"))
         print(f"saved the adapter and the merged model under {args.output_dir}")

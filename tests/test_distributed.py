@@ -25,25 +25,40 @@ import train_ddp  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
-def _torchrun(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def _launch(launcher: list[str], script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, env.get("PYTHONPATH", "")])
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(EXAMPLES, script), *args]
+    cmd = [*launcher, os.path.join(EXAMPLES, script), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
 
 
+def _torchrun(script: str, *args: str) -> subprocess.CompletedProcess:
+    return _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+                   script, *args)
+
+
+def _accelerate_launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --multi_gpu --num_processes 2`: on a CPU-only machine this is torchrun + gloo underneath
+    (`--cpu --num_processes 2` would need mpirun and silently runs ONE process)."""
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    return _launch([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                    "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"], script, *args)
+
+
 def test_ddp_matches_single_process(tmp_path):
     """torchrun --nproc_per_node 2 (per-device batch 4, DDP on gloo) vs one process with batch 8, 6 AdamW steps,
     default random sampler with the same seed: per-step losses agree within 1e-5 and the final weights within 1e-5
-    (measured ~1e-7, float rounding of the gradient all-reduce), while training moved the weights by > 1e-2."""
+    (measured ~1e-7, float rounding of the gradient all-reduce), while training moved the weights by > 1e-2.
+    The `accelerate launch` recipe of examples/distributed.md gives the same run (losses within 1e-5)."""
     common = ["--synthetic", "--max_steps", "6", "--seq_len", "32", "--max_blocks", "96", "--hidden_size", "32",
               "--disable_tqdm"]
     _torchrun("train_ddp.py", *common, "--per_device_batch_size", "4", "--output_dir", str(tmp_path / "ddp"))
+    _accelerate_launch("train_ddp.py", *common, "--per_device_batch_size", "4", "--no_save",
+                       "--output_dir", str(tmp_path / "accelerate"))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,6 +74,9 @@ def test_ddp_matches_single_process(tmp_path):
     assert len(ddp["losses"]) == len(single["losses"]) == 6
     assert max(abs(a - b) for a, b in zip(ddp["losses"], single["losses"])) < 1e-5, (ddp["losses"], single["losses"])
     assert single["losses"][-1] < single["losses"][0]
+    launched = json.loads((tmp_path / "accelerate" / "result.json").read_text())
+    assert launched["world_size"] == 2 and launched["ddp"] == "DistributedDataParallel"
+    assert max(abs(a - b) for a, b in zip(launched["losses"], single["losses"])) < 1e-5
 
     w_ddp = load_file(tmp_path / "ddp" / "model.safetensors")
     w_single = load_file(tmp_path / "single" / "model.safetensors")
