@@ -300,6 +300,7 @@ class DecoderOnlyLightningAttention(nn.Module):
         return decay_rates, tuple(tables)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # the old name of transformers' linear-attention layers
     def forward(
         self,
         hidden_states: torch.Tensor,

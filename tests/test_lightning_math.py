@@ -503,7 +503,7 @@ def test_layer_initialises_its_buffers_and_parameters():
     assert values["diagonal_decay"].shape == (4, 4, 4) and values["diagonal_decay"][:, 0, 1].eq(0).all()
 
 
-def test_layer_in_bfloat16_and_old_cache_name():
+def test_layer_in_bfloat16_and_old_cache_names():
     layer = lightning_layer(dtype=torch.float32)
     hidden = hidden_states(length=9, dtype=torch.float32)
     with torch.no_grad():
@@ -515,3 +515,6 @@ def test_layer_in_bfloat16_and_old_cache_name():
     assert cache.layers[0].recurrent_states[0].dtype == torch.float32  # the state stays fp32
     assert int(cache.get_seq_length()) == 9  # `past_key_values=` reached the cache
     assert max_err(out, reference) <= 5e-2 * reference.abs().max().item()
+    with torch.no_grad(), pytest.warns(FutureWarning, match="cache_params"):
+        layer(hidden.to(torch.bfloat16), cache_params=cache)
+    assert int(cache.get_seq_length()) == 18
