@@ -37,8 +37,23 @@ def _lightning_implemented() -> bool:
     return True
 
 
+def _dual_chunk_implemented() -> bool:
+    """False while modeling.dual_chunk_attention.DecoderOnlyDualChunkAttention is the NotImplementedError placeholder
+    (guard: remove once dual_chunk has landed for good)."""
+    from modeling.dual_chunk_attention import DecoderOnlyDualChunkAttention
+
+    try:
+        DecoderOnlyDualChunkAttention(tiny_config(attention_type="dual_chunk"), 0)
+    except NotImplementedError:
+        return False
+    return True
+
+
 requires_lightning = pytest.mark.skipif(
     not _lightning_implemented(), reason="lightning attention is still a NotImplementedError placeholder"
+)
+requires_dual_chunk = pytest.mark.skipif(
+    not _dual_chunk_implemented(), reason="dual_chunk attention is still a NotImplementedError placeholder"
 )
 
 
@@ -174,3 +189,20 @@ def test_all_linear_on_hybrid_covers_both_naming_schemes():
         by_layer.setdefault(layer, set()).add(name.rsplit(".", 1)[-1])
     mlp = {"gate_proj", "up_proj", "down_proj"}
     assert by_layer == {0: set(LIGHTNING_NAMES) | mlp, 1: set(LLAMA_NAMES)}
+
+
+@requires_dual_chunk
+def test_lora_llama_names_on_dual_chunk():
+    """Dual Chunk layers keep the Llama projection names, so the same target_modules wrap all 7 projections per layer;
+    training lowers the loss (> 1 nat) and merging reproduces the adapted logits (within 1e-5) on a sequence longer
+    than chunk_size (8), so the inter-chunk path is used."""
+    peft_model = get_peft_model(_model(attention_type="dual_chunk"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_NAMES))
+    assert len(_lora_modules(peft_model)) == 7 * 2
+    first, last = _train(peft_model)
+    assert last < first - 1.0, (first, last)
+    probe = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        adapted = peft_model(input_ids=probe).logits
+        merged = peft_model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=probe).logits, adapted, atol=1e-5, rtol=0)

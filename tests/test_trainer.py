@@ -175,19 +175,22 @@ def test_activation_checkpointing_same_loss_and_gradients(monkeypatch):
 
 
 def test_trainer_activation_checkpointing_same_training(tmp_path):
-    """`TrainingArguments(activation_checkpointing=True)` switches it on for the model, and 3 AdamW steps end at
-    the same weights (within 1e-5) and losses (within 1e-6) as without."""
+    """`TrainingArguments(activation_checkpointing=True)` (and its deprecated 5.x alias `gradient_checkpointing=True`)
+    switches it on for the model, and 3 AdamW steps end at the same weights (within 1e-5) and losses (within 1e-6)
+    as without."""
     results = {}
-    for flag in (False, True):
+    variants = {"off": {}, "on": {"activation_checkpointing": True}, "alias": {"gradient_checkpointing": True}}
+    for name, flags in variants.items():
         model = _model()
-        args = _args(tmp_path / str(flag), activation_checkpointing=flag or None, per_device_train_batch_size=4)
+        args = _args(tmp_path / name, per_device_train_batch_size=4, **flags)
         trainer = Trainer(model=model, args=args, train_dataset=PaddedLMDataset(), data_collator=default_data_collator)
         trainer.train()
-        assert model.is_activation_checkpointing == flag
+        assert model.is_activation_checkpointing == (name != "off")
         losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-        results[flag] = (_weights(model), losses)
-    assert _max_diff(results[False][0], results[True][0]) < 1e-5
-    assert np.allclose(results[False][1], results[True][1], atol=1e-6, rtol=0)
+        results[name] = (_weights(model), losses)
+    for name in ("on", "alias"):
+        assert _max_diff(results["off"][0], results[name][0]) < 1e-5
+        assert np.allclose(results["off"][1], results[name][1], atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- evaluation, prediction
