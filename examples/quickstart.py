@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
+from configuration import hybrid_attention_types
 from modeling import DecoderOnlyConfig, DecoderOnlyForCausalLM
 from modeling.hub import export_for_hub
 from modeling.tokenization import read_text_files, train_tokenizer
@@ -27,12 +28,12 @@ from modeling.tokenization import read_text_files, train_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT / "examples" / "data" / "village_tales.txt"
 DEFAULT_OUTPUT = ROOT / "outputs" / "quickstart"
-# Layouts of --attention; "hybrid" alternates Lightning (linear) and softmax layers and ends on Dual Chunk Attention.
+# Layouts of --attention; "hybrid" is MiniMax-01 style, Lightning (linear) layers with every second one softmax.
 LAYOUTS = {
     "gqa": lambda n: ["gqa"] * n,
     "lightning": lambda n: ["lightning"] * n,
     "dual_chunk": lambda n: ["dual_chunk"] * n,
-    "hybrid": lambda n: (["lightning", "gqa"] * n)[: n - 1] + ["dual_chunk"] if n > 1 else ["gqa"],
+    "hybrid": lambda n: hybrid_attention_types(n, softmax_every=2),
 }
 PROMPTS = ["The baker", "In winter the river"]
 

@@ -27,7 +27,7 @@ def test_help_lists_the_options():
 def test_tiny_run_trains_saves_reloads_and_generates(tmp_path):
     out = tmp_path / "tiny"
     result = run_quickstart(
-        "--steps", "3", "--attention", "hybrid", "--layers", "3", "--hidden-size", "32", "--heads", "2",
+        "--steps", "3", "--attention", "hybrid", "--layers", "2", "--hidden-size", "32", "--heads", "2",
         "--kv-heads", "1", "--vocab-size", "300", "--seq-len", "32", "--batch-size", "2", "--max-new-tokens", "4",
         "--output-dir", str(out), "--no-progress",
     )
@@ -36,12 +36,12 @@ def test_tiny_run_trains_saves_reloads_and_generates(tmp_path):
     for marker in ("==> 1/5", "==> 2/5", "==> 3/5", "==> 4/5", "==> 5/5", "held-out loss after training"):
         assert marker in stdout
     assert "step    3/3  train loss" in stdout
-    assert "layers ['lightning', 'gqa', 'dual_chunk']" in stdout
+    assert "layers ['lightning', 'gqa']" in stdout
     assert "logits identical to the trained model: True" in stdout
     assert "-- greedy" in stdout and "-- sampled" in stdout
     for name in ("config.json", "model.safetensors", "README.md", "modeling_decoder_only.py", "tokenizer.json"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["attention_types"] == ["lightning", "gqa", "dual_chunk"] and config["vocab_size"] == 300
+    assert config["attention_types"] == ["lightning", "gqa"] and config["vocab_size"] == 300
     auto_classes = {"AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForSequenceClassification"}
     assert set(config["auto_map"]) == auto_classes

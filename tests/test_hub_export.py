@@ -6,6 +6,7 @@ through every Auto class with `trust_remote_code=True` and compares against tens
 """
 
 import contextlib
+import importlib.util
 import json
 import re
 import subprocess
@@ -377,3 +378,30 @@ def test_model_card_hybrid_layout():
     assert "| 2 | dual_chunk | full_attention | dual-chunk RoPE (chunk 8, local 2) |" in card
     assert "| Lightning block size | 4 (1 lightning layers) |" in card
     assert "| Dual Chunk Attention (chunk size / local size / original max positions) | 8 / 2 / None" in card
+
+
+def load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_export_script_builds_exports_pushes_and_reexports(fake_hub, tmp_path, capsys):
+    script = load_example("export_to_hub")
+    with pytest.raises(SystemExit) as help_exit:
+        script.main(["--help"])
+    assert help_exit.value.code == 0 and "--push REPO_ID" in capsys.readouterr().out
+
+    tiny = ["--hidden-size", "32", "--heads", "2", "--kv-heads", "1", "--layers", "2", "--vocab-size", "300"]
+    folder = script.main([*tiny, "--attention", "hybrid", "--train-tokenizer", "--output-dir", str(tmp_path / "new"),
+                          "--push", "someone/tiny-hybrid"])
+    (commit,) = fake_hub
+    assert commit["repo_id"] == "someone/tiny-hybrid" and commit["files"] == folder_bytes(folder)
+    assert {"tokenizer.json", "README.md", "lightning_attention.py"} <= set(commit["files"])
+    assert json.loads(commit["files"]["config.json"])["attention_types"] == ["lightning", "gqa"]
+
+    again = script.main(["--model", str(folder), "--output-dir", str(tmp_path / "again")])
+    assert {path.name for path in again.iterdir()} == {path.name for path in folder.iterdir()}
+    assert (again / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+    assert (again / "README.md").read_text() == (folder / "README.md").read_text()
