@@ -450,3 +450,15 @@ def test_past_key_values_keyword_is_deprecated_alias():
     cache = DynamicCache()
     layer(inputs(1, 5), past_key_values=cache)
     assert cache.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_bfloat16_sanity(path):
+    """bf16 runs only need to be finite and close to fp32 in norm (attention-math §7)."""
+    x = inputs(2, 70, dtype=torch.float32)
+    layer32 = use_path(make_layer(24, 6, dtype=torch.float32, original=16), path, rows_per_tile=7)
+    layer16 = use_path(make_layer(24, 6, dtype=torch.bfloat16, original=16), path, rows_per_tile=7)
+    out32, _ = layer32(x)
+    out16, _ = layer16(x.bfloat16())
+    assert torch.isfinite(out16).all()
+    assert (out16.float() - out32).norm() <= 5e-2 * out32.norm()
