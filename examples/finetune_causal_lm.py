@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a small DecoderOnlyForCausalLM on text with transformers' `Trainer` (CPU is enough).
 
-    python examples/finetune_causal_lm.py                          # bundled text in examples/data, ~2 min on 2 cores
+    python examples/finetune_causal_lm.py                          # bundled text in examples/data, 1-2 min on 2 cores
     python examples/finetune_causal_lm.py --max_steps 50 --gradient_accumulation_steps 4 --gradient_checkpointing
     python examples/finetune_causal_lm.py --text_file my.txt --bf16 --output_dir runs/lm
     python examples/finetune_causal_lm.py --model_name_or_path runs/lm   # continue from a saved checkpoint
@@ -31,9 +31,13 @@ if REPO_ROOT not in sys.path:  # run from a checkout without `pip install -e .`
 
 
 # ------------------------------------------------------------------------------------------------------------- data
-_SUBJECTS = ["the miller", "the ferryman", "a heron", "the baker", "old Ada", "the children", "a fisherman", "the smith"]
+_SUBJECTS = [
+    "the miller", "the ferryman", "a heron", "the baker", "old Ada", "the children", "a fisherman", "the smith",
+]
 _VERBS = ["watches", "crosses", "mends", "carries", "greets", "follows", "paints", "counts"]
-_OBJECTS = ["the river", "the bridge", "a basket of bread", "the nets", "the boats", "the grey clouds", "the mill wheel"]
+_OBJECTS = [
+    "the river", "the bridge", "a basket of bread", "the nets", "the boats", "the grey clouds", "the mill wheel",
+]
 _ENDINGS = ["at dawn.", "before the rain.", "every morning.", "in the evening.", "when the bells ring.", "again."]
 
 
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=float, default=0.0)
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="runs/finetune_causal_lm")
-    train.add_argument("--max_steps", type=int, default=300)
+    train.add_argument("--max_steps", type=int, default=120,
+                       help="optimizer steps (default 120, ~8 epochs of the bundled text)")
     train.add_argument("--batch_size", type=int, default=8, help="per-device train batch size")
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=3e-3)

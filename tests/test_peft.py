@@ -145,7 +145,8 @@ def test_lora_training_lowers_loss_and_merge_matches(tmp_path):
 
 def test_lora_example_script(tmp_path):
     """examples/lora.py on generated sentences, 30 steps: evaluation loss falls (by > 0.3; measured 5.99 -> ~5.4 on a
-    random base whose embeddings and lm_head stay frozen), merged == adapted within 1e-5, adapter + merged model saved."""
+    random base whose embeddings and lm_head stay frozen), merged == adapted within 1e-5, adapter + merged model
+    saved."""
     result = lora_example.main([
         "--synthetic", "--max_steps", "30", "--seq_len", "32", "--max_blocks", "200", "--output_dir", str(tmp_path),
         "--disable_tqdm",
@@ -182,7 +183,8 @@ def test_lora_lightning_names_target_lightning_layers_only():
 def test_all_linear_on_hybrid_covers_both_naming_schemes():
     """"all-linear" on a (lightning, gqa) model wraps the lightning names in layer 0 and the Llama names in layer 1,
     plus both MLPs, and not lm_head."""
-    peft_model = get_peft_model(_model(attention_types=["lightning", "gqa"]), LoraConfig(r=2, target_modules="all-linear"))
+    model = _model(attention_types=["lightning", "gqa"])
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
     by_layer = {}
     for name in _lora_modules(peft_model):
         layer = int(name.split("model.layers.")[1].split(".")[0])
