@@ -146,6 +146,10 @@ def dual_chunk_reference_attention(
         outputs.append(out.view(batch, num_heads, num_rows, head_dim))
         if return_weights:
             weights.append(probs)
+    if return_weights and len(weights) == 1:
+        # One tile (always the case when returning weights): return the very tensor the output was computed from, so
+        # gradients reach it (`torch.cat` of one tensor is a copy outside the graph of the output).
+        return torch.cat(outputs, dim=2), weights[0]
     return torch.cat(outputs, dim=2), (torch.cat(weights, dim=2) if return_weights else None)
 
 
