@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from configuration import hybrid_attention_types
 from modeling import DecoderOnlyConfig, DecoderOnlyForCausalLM
-from modeling.hub import export_for_hub, upload_hub_folder
+from modeling.hub import export_for_hub, push_hub_folder
 from modeling.tokenization import train_tokenizer
 
 
@@ -102,12 +102,9 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"load it with transformers alone: AutoModelForCausalLM.from_pretrained({str(folder)!r}, "
           "trust_remote_code=True)")
     if args.push:
-        from transformers.utils.hub import hf_api
-
-        repo_id = hf_api().create_repo(args.push, private=args.private or None, exist_ok=True).repo_id
         message = args.commit_message or f"Upload {type(model).__name__}"
-        commit = upload_hub_folder(folder, repo_id, commit_message=message)
-        print(f"pushed {folder} to {repo_id}: {getattr(commit, 'commit_url', commit)}")
+        commit = push_hub_folder(folder, args.push, commit_message=message, private=args.private or None)
+        print(f"pushed {folder} to {args.push}: {getattr(commit, 'commit_url', commit)}")
     return folder
 
 

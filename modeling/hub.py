@@ -124,43 +124,36 @@ def push_to_hub(
     *,
     tokenizer=None,
     commit_message: str | None = None,
-    commit_description: str | None = None,
-    private: bool | None = None,
-    token: bool | str | None = None,
-    revision: str | None = None,
-    create_pr: bool = False,
     max_shard_size: int | str | None = "50GB",
+    **hub_kwargs: Any,
 ) -> Any:
     """Export `model` (and `tokenizer`) with `export_for_hub` into a temporary folder and upload exactly that folder.
 
     transformers' `push_to_hub` would replace our README.md with a generic card; this keeps the rendered one.
+    `hub_kwargs` (`private`, `token`, `revision`, `create_pr`, `commit_description`) go to `push_hub_folder`.
     Returns the `CommitInfo` of the upload.
     """
-    repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as tmp_dir:
         export_for_hub(model, tmp_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
-        return upload_hub_folder(
-            tmp_dir,
-            repo_id,
-            commit_message=commit_message or f"Upload {type(model).__name__}",
-            commit_description=commit_description,
-            token=token,
-            revision=revision,
-            create_pr=create_pr,
+        return push_hub_folder(
+            tmp_dir, repo_id, commit_message=commit_message or f"Upload {type(model).__name__}", **hub_kwargs
         )
 
 
-def upload_hub_folder(
+def push_hub_folder(
     folder: str | os.PathLike,
     repo_id: str,
     *,
     commit_message: str,
     commit_description: str | None = None,
+    private: bool | None = None,
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
 ) -> Any:
-    """One commit adding every file under `folder` (relative paths kept), as transformers' own uploads do."""
+    """Create the repository if needed, then upload every file under `folder` (relative paths kept) in one commit,
+    as transformers' own uploads do."""
+    repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     folder = Path(folder)
     operations = [
         CommitOperationAdd(path_or_fileobj=str(path), path_in_repo=path.relative_to(folder).as_posix())
@@ -205,9 +198,14 @@ def _save_pretrained(
     private = kwargs.pop("private", None)
     save_hub_folder(self, save_directory, is_main_process=is_main_process, state_dict=state_dict, **kwargs)
     if push_to_hub and self.should_save_on_this_rank(is_main_process):
-        token = kwargs.get("token")
-        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
-        upload_hub_folder(save_directory, repo_id, commit_message=commit_message, token=token, create_pr=create_pr)
+        push_hub_folder(
+            save_directory,
+            repo_id,
+            commit_message=commit_message,
+            private=private,
+            token=kwargs.get("token"),
+            create_pr=create_pr,
+        )
 
 
 def _push_to_hub(self, repo_id: str, *, tokenizer=None, tags: list[str] | None = None, **kwargs: Any):
@@ -333,6 +331,7 @@ __all__ = [
     "enable_hub_export",
     "hub_auto_map",
     "hub_code_files",
+    "push_hub_folder",
     "push_to_hub",
     "render_model_card",
     "save_hub_folder",
