@@ -147,6 +147,8 @@ class DecoderOnlyModel(DecoderOnlyPreTrainedModel):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    # `cache_params` is the old name of transformers' linear-attention (Mamba-style) caches: accepted with a warning.
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -303,6 +305,8 @@ class DecoderOnlyForCausalLM(DecoderOnlyPreTrainedModel, GenerationMixin):
         return convert_llama(cls, source, **config_overrides)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    # `cache_params` is the old name of transformers' linear-attention (Mamba-style) caches: accepted with a warning.
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
@@ -350,6 +354,8 @@ class DecoderOnlyForSequenceClassification(DecoderOnlyPreTrainedModel):
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    # `cache_params` is the old name of transformers' linear-attention (Mamba-style) caches: accepted with a warning.
+    @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(
         self,
