@@ -11,7 +11,7 @@ Synthetic, learnable tasks (sequences have random lengths and are padded in the 
     sum_sign      label = 1 if the sum of feature 0 over the real time steps is positive        (chance 50 %)
 
     python examples/finetune_sequence_classification.py                       # <1 min on 2 cores, ~97 % accuracy
-    python examples/finetune_sequence_classification.py --embed_dim 287 --num_train 8192 --num_epochs 1 --padding_side left
+    python examples/finetune_sequence_classification.py --embed_dim 287 --num_train 8192 --num_epochs 1
 
 With `--embed_dim 287` the label depends on 1 of 287 noise channels, so the model needs more data: 2048 sequences
 reach ~62 % (it overfits), 8192 sequences for one epoch ~74 %; the default 12 channels reach ~97 %.
