@@ -45,8 +45,8 @@ from .modeling_decoder_only import (
 )
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MODEL_CARD_TEMPLATE = PROJECT_ROOT / "model_card.md"
+# `modeling/model_card.md` links to the project's top-level `model_card.md`; wheels carry it as package data.
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "model_card.md"
 # Where the flat module names of the exported code are looked up, in order.
 CODE_DIRS = (Path(__file__).resolve().parent, Path(configuration.__file__).resolve().parent)
 ENTRY_MODULES = ("modeling_decoder_only", "configuration_decoder_only")
