@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import modeling  # noqa: F401
 from modeling import DecoderOnlyForCausalLM
-from tests.helpers import tiny_config
+from helpers import tiny_config
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,6 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from modeling import (
-    ATTENTION_CLASSES,
     DecoderOnlyConfig,
     DecoderOnlyForCausalLM,
     DecoderOnlyForSequenceClassification,
@@ -55,26 +54,9 @@ CONFIGS = {
 PROMPT = "The baker woke before the sun and lit the fire in his oven."
 
 
-def placeholder_attention_types(config_kwargs: dict) -> list[str]:
-    """Attention types of a layout whose class is still a placeholder (raises NotImplementedError when built)."""
-    config = DecoderOnlyConfig(**config_kwargs)
-    placeholders = []
-    for kind in dict.fromkeys(config.attention_types):
-        try:
-            ATTENTION_CLASSES[kind](config, config.attention_types.index(kind))
-        except NotImplementedError:
-            placeholders.append(kind)
-    return placeholders
-
-
 def config_params() -> list:
-    """One pytest param per layout; layouts using a placeholder attention class are skipped (guard, remove later)."""
-    params = []
-    for name, kwargs in CONFIGS.items():
-        missing = placeholder_attention_types(kwargs)
-        marks = pytest.mark.skipif(bool(missing), reason=f"attention {missing} is still a placeholder")
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    """One pytest param per layout."""
+    return [pytest.param(name, id=name) for name in CONFIGS]
 
 
 @contextlib.contextmanager
@@ -369,7 +351,6 @@ def test_model_card_states_the_checkpoint_facts(tmp_path):
     assert "No tokenizer is saved with this checkpoint" in card
 
 
-@pytest.mark.skipif(bool(placeholder_attention_types(CONFIGS["hybrid"])), reason="lightning/dual_chunk placeholder")
 def test_model_card_hybrid_layout():
     lm = build_model("hybrid")
     card = render_model_card(lm)

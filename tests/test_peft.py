@@ -1,6 +1,6 @@
 """PEFT LoRA on DecoderOnly: Llama module names apply, "all-linear" finds every projection, LoRA training lowers the
 loss, merge_and_unload reproduces the adapted model, adapters save/load. Lightning's own names (qkv_proj,
-output_gate, out_proj) are tested behind a guard while that attention type may still be a placeholder."""
+output_gate, out_proj) select its projections separately."""
 
 import os
 import sys
@@ -12,7 +12,7 @@ from peft.tuners.lora import LoraLayer
 
 import modeling  # noqa: F401
 from modeling import DecoderOnlyForCausalLM
-from tests.helpers import randomize_, tiny_config
+from helpers import randomize_, tiny_config
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,38 +23,6 @@ import lora as lora_example  # noqa: E402
 
 LLAMA_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LIGHTNING_NAMES = ["qkv_proj", "output_gate", "out_proj"]
-
-
-def _lightning_implemented() -> bool:
-    """False while modeling.lightning_attention.DecoderOnlyLightningAttention is the placeholder that raises
-    NotImplementedError (guard: remove once lightning has landed for good)."""
-    from modeling.lightning_attention import DecoderOnlyLightningAttention
-
-    try:
-        DecoderOnlyLightningAttention(tiny_config(attention_type="lightning"), 0)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def _dual_chunk_implemented() -> bool:
-    """False while modeling.dual_chunk_attention.DecoderOnlyDualChunkAttention is the NotImplementedError placeholder
-    (guard: remove once dual_chunk has landed for good)."""
-    from modeling.dual_chunk_attention import DecoderOnlyDualChunkAttention
-
-    try:
-        DecoderOnlyDualChunkAttention(tiny_config(attention_type="dual_chunk"), 0)
-    except NotImplementedError:
-        return False
-    return True
-
-
-requires_lightning = pytest.mark.skipif(
-    not _lightning_implemented(), reason="lightning attention is still a NotImplementedError placeholder"
-)
-requires_dual_chunk = pytest.mark.skipif(
-    not _dual_chunk_implemented(), reason="dual_chunk attention is still a NotImplementedError placeholder"
-)
 
 
 @pytest.fixture(autouse=True)
@@ -159,7 +127,6 @@ def test_lora_example_script(tmp_path):
     assert (tmp_path / "merged" / "model.safetensors").exists()
 
 
-@requires_lightning
 def test_lora_lightning_names_target_lightning_layers_only():
     """On a hybrid model (lightning, gqa), target_modules=qkv_proj/output_gate/out_proj wraps exactly the lightning
     layer's three projections; 60 steps lower the loss by > 1 nat (measured 4.33 -> 2.44) and merging reproduces the
@@ -179,7 +146,6 @@ def test_lora_lightning_names_target_lightning_layers_only():
         torch.testing.assert_close(merged(input_ids=probe).logits, adapted, atol=1e-5, rtol=0)
 
 
-@requires_lightning
 def test_all_linear_on_hybrid_covers_both_naming_schemes():
     """"all-linear" on a (lightning, gqa) model wraps the lightning names in layer 0 and the Llama names in layer 1,
     plus both MLPs, and not lm_head."""
@@ -193,7 +159,6 @@ def test_all_linear_on_hybrid_covers_both_naming_schemes():
     assert by_layer == {0: set(LIGHTNING_NAMES) | mlp, 1: set(LLAMA_NAMES)}
 
 
-@requires_dual_chunk
 def test_lora_llama_names_on_dual_chunk():
     """Dual Chunk layers keep the Llama projection names, so the same target_modules wrap all 7 projections per layer;
     training lowers the loss (> 1 nat) and merging reproduces the adapted logits (within 1e-5) on a sequence longer

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 import modeling  # noqa: F401
 from modeling import DecoderOnlyForCausalLM, DecoderOnlyForSequenceClassification
-from tests.helpers import tiny_config
+from helpers import tiny_config
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

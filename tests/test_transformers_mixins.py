@@ -4,9 +4,7 @@ The mixins come from the sdist of the installed transformers version (see tests/
 reference/transformers-v5.md §11); the generation checks are the project's (tests/hf_standins/generation.py, §11.3).
 If the sdist cannot be obtained, `test_transformers_test_mixins_available` FAILS (it never skips).
 
-One test class per attention layout; a new layout is a one-line subclass setting `tester_kwargs`. The lightning,
-hybrid and dual_chunk classes are guarded by `requires_attention(...)`, which skips them only while the attention
-class is still the placeholder raising NotImplementedError (remove the guards once those land).
+One test class per attention layout; a new layout is a one-line subclass setting `tester_kwargs`.
 """
 
 import contextlib
@@ -18,13 +16,12 @@ import pytest
 import torch
 from hf_harness import HarnessUnavailable, build_harness
 from transformers import masking_utils
-from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicLayer, StaticLayer
 from transformers.models.auto import modeling_auto
 
 from configuration import DecoderOnlyConfig
 from modeling import DecoderOnlyForCausalLM, DecoderOnlyForSequenceClassification, DecoderOnlyModel
 from modeling import modeling_decoder_only
-from modeling.modeling_decoder_only import ATTENTION_CLASSES
 
 
 try:
@@ -43,30 +40,6 @@ def test_transformers_test_mixins_available():
     """Loud failure (not a skip) when transformers' test mixins cannot be had from the sdist."""
     if HARNESS_ERROR is not None:
         pytest.fail(f"transformers' test mixins are unavailable, so none of them ran:\n{HARNESS_ERROR}")
-
-
-# ------------------------------------------------------------------------------------------------------------ guards
-def _unimplemented_reason(kind: str) -> str | None:
-    """Why attention type `kind` cannot be built yet (its class is still the NotImplementedError placeholder)."""
-    config = DecoderOnlyConfig(
-        vocab_size=99, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
-        attention_type=kind, block_size=4, chunk_size=8, local_size=2, dropout=0.0,
-    )  # fmt: skip
-    try:
-        ATTENTION_CLASSES[kind](config, 0)
-        if kind == "lightning":
-            from modeling.recurrent_cache import ensure_recurrent_cache_layers
-
-            ensure_recurrent_cache_layers(DynamicCache(config=config), config)
-    except NotImplementedError as err:
-        return f"attention type {kind!r} not implemented yet ({err})"
-    return None
-
-
-def requires_attention(*kinds: str):
-    """TODO(remove once lightning / dual_chunk land): skip while an attention class is still a placeholder."""
-    reasons = [reason for reason in map(_unimplemented_reason, kinds) if reason]
-    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons))
 
 
 # ------------------------------------------------------------------------------------------------------------ tester
@@ -288,20 +261,17 @@ if HARNESS_ERROR is None:
 
         tester_kwargs = {"attention_type": "gqa", "num_hidden_layers": 2, "interleave_rope": True}
 
-    @requires_attention("lightning")
     class DecoderOnlyLightningModelTest(DecoderOnlyMixinTests, unittest.TestCase):
         """Pure Lightning attention; block_size 4 with 14-token inputs gives several blocks."""
 
         tester_kwargs = {"attention_type": "lightning", "num_hidden_layers": 2, "block_size": 4}
 
-    @requires_attention("lightning", "gqa")
     class DecoderOnlyHybridModelTest(DecoderOnlyMixinTests, unittest.TestCase):
         """Hybrid linear/softmax stack: lightning then gqa. Layer 0 is linear, so the cache length comes from its token
         counter and the masks are sized from the first softmax layer (test_num_layers_is_small caps testers at 2)."""
 
         tester_kwargs = {"attention_types": ["lightning", "gqa"], "num_hidden_layers": 2, "block_size": 4}
 
-    @requires_attention("dual_chunk")
     class DecoderOnlyDualChunkModelTest(DecoderOnlyMixinTests, unittest.TestCase):
         """Dual Chunk Attention with chunk_size 8, local_size 2 (partition 6): 18-token inputs span three chunks."""
 
