@@ -346,6 +346,10 @@ class DecoderOnlyForCausalLM(DecoderOnlyPreTrainedModel, GenerationMixin):
 class DecoderOnlyForSequenceClassification(DecoderOnlyPreTrainedModel):
     """A linear `score` head on `pooler_output` (the last real token, mask-aware, as the seed's output)."""
 
+    # The loss is a per-batch mean for every problem type (regression and multi-label losses cannot use
+    # `num_items_in_batch`), so the Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: DecoderOnlyConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -382,7 +386,7 @@ class DecoderOnlyForSequenceClassification(DecoderOnlyPreTrainedModel):
         if labels is not None:
             # **kwargs carries the Trainer's num_items_in_batch: single-label cross-entropy then sums / counts over the
             # whole accumulated (and all-reduced) batch, as the Trainer assumes for a forward that takes **kwargs.
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
         return SequenceClassifierOutputWithPast(
             loss=loss,
             logits=logits,

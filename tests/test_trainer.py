@@ -274,8 +274,9 @@ def test_sequence_classification_example_learns_feature_task(tmp_path):
 
 def test_sequence_classification_gradient_accumulation(tmp_path):
     """Classification under the Trainer: batch 8 x accumulation 1 == batch 2 x accumulation 4 (SGD, one step; within
-    1e-6). The forward takes **kwargs, so the Trainer does not divide the loss by the accumulation steps and relies on
-    num_items_in_batch reaching the cross-entropy; without that the update was 4x too large."""
+    1e-6). The head's loss is a per-batch mean for every problem type, so the model sets `accepts_loss_kwargs = False`
+    and the Trainer divides by the accumulation steps; a model that took `**kwargs` without using num_items_in_batch
+    made the update 4x too large."""
     ds = finetune_sequence_classification.FeatureSequenceDataset(16, 12, min_len=4, max_len=8, seed=0)
 
     def one_step(batch, accum):
