@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .gqa_attention import qkvo_projections
+from .gqa_attention import DecoderOnlySoftmaxAttentionBase
 from .layers import apply_rotary, compute_default_rope_parameters, repeat_kv, rope_cos_sin, rotate_half
 
 
@@ -392,7 +392,7 @@ def _as_4d_mask(attention_mask: torch.Tensor | None, num_queries: int) -> torch.
     )
 
 
-class DecoderOnlyDualChunkAttention(nn.Module):
+class DecoderOnlyDualChunkAttention(DecoderOnlySoftmaxAttentionBase):
     """Dual Chunk Attention with Llama's projections (`q_proj k_proj v_proj o_proj`), so Llama / Qwen2 attention
     weights load 1:1. Keys are cached rotated at `position mod c` in the ordinary key/value cache layer, without the
     temperature; positions come from `position_ids` (per row, absolute)."""
@@ -404,22 +404,13 @@ class DecoderOnlyDualChunkAttention(nn.Module):
     reference_rows_per_tile: int = 256
 
     def __init__(self, config, layer_idx: int) -> None:
-        super().__init__()
-        self.config = config
-        self.layer_idx = layer_idx
-        self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
-        self.attention_dropout = config.attention_dropout
-        self.is_causal = True
+        super().__init__(config, layer_idx)
         self.chunk_size = config.chunk_size
         self.local_size = config.local_size
         self.chunk_len = self.chunk_size - self.local_size
         self.original_max_position_embeddings = (config.dual_chunk_attention_config or {}).get(
             "original_max_position_embeddings"
         )
-        # Shared with GQA: bias on q/k/v from `attention_bias`, on o from `attention_output_bias` (Qwen2: q/k/v only).
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_projections(config)
 
     @staticmethod
     def _rotate(states: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

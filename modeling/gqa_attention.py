@@ -13,11 +13,12 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .layers import apply_rotary_pos_emb, eager_attention_forward
 
 
-class DecoderOnlyAttention(nn.Module):
-    """Softmax GQA: H query heads read K key/value heads (query head h uses kv head h // (H/K)).
+class DecoderOnlySoftmaxAttentionBase(nn.Module):
+    """What the softmax-family layers (`gqa`, `dual_chunk`) share: Llama's `q_proj k_proj v_proj o_proj` and the
+    attributes transformers' attention interface reads (`num_key_value_groups`, `scaling`, `is_causal`).
 
-    Layers with `config.rope_layers[layer_idx]` False are NoPE: they ignore `position_embeddings` and cache unrotated
-    keys. The implementation (`eager`, `sdpa`, flash, flex) comes from transformers' attention interface.
+    q/k/v carry a bias when `attention_bias`; o_proj when `attention_output_bias` (which defaults to `attention_bias`;
+    Qwen2 has biases on q/k/v only).
     """
 
     def __init__(self, config, layer_idx: int) -> None:
@@ -29,8 +30,23 @@ class DecoderOnlyAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
+        hidden, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.q_proj = nn.Linear(hidden, heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=config.attention_output_bias)
+
+
+class DecoderOnlyAttention(DecoderOnlySoftmaxAttentionBase):
+    """Softmax GQA: H query heads read K key/value heads (query head h uses kv head h // (H/K)).
+
+    Layers with `config.rope_layers[layer_idx]` False are NoPE: they ignore `position_embeddings` and cache unrotated
+    keys. The implementation (`eager`, `sdpa`, flash, flex) comes from transformers' attention interface.
+    """
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__(config, layer_idx)
         self.use_rope = config.rope_layers[layer_idx]
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = qkvo_projections(config)
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
@@ -70,24 +86,3 @@ class DecoderOnlyAttention(nn.Module):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights
-
-
-def qkvo_projections(config) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
-    """`q_proj k_proj v_proj o_proj` of a softmax-family layer (GQA and Dual Chunk share them).
-
-    q/k/v carry a bias when `attention_bias`; o_proj when `attention_output_bias` (which defaults to
-    `attention_bias`; Qwen2 has biases on q/k/v only).
-    """
-    hidden, heads, kv_heads, head_dim = (
-        config.hidden_size,
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.head_dim,
-    )
-    bias = config.attention_bias
-    return (
-        nn.Linear(hidden, heads * head_dim, bias=bias),
-        nn.Linear(hidden, kv_heads * head_dim, bias=bias),
-        nn.Linear(hidden, kv_heads * head_dim, bias=bias),
-        nn.Linear(heads * head_dim, hidden, bias=config.attention_output_bias),
-    )
