@@ -123,6 +123,45 @@ def _lightning_block(
     return intra + inter, state
 
 
+def _lightning_full_blocks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    state: torch.Tensor,
+    decay_tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` whole blocks of `bs` tokens at once (`T = n·bs`, one sequence per row): `(out [B,H,T,d], final state)`.
+
+    The same algebra as `_lightning_block`, batched over blocks: every intra product and every block's state
+    contribution `(K_n ⊙ λ^(bs-1-b))ᵀ V_n` is one batched matmul; only the carry `S_(n+1) = λ^bs S_n + KV_n` runs as
+    a loop, one fused multiply-add on `[B, H, d, d]` per block (a closed form over blocks would need `λ^(-bs·j)`).
+    """
+    block = block_size
+    query_decay = decay_tables[0][:, :block]  # λ^(a+1)
+    key_decay = decay_tables[1][:, -block:]  # λ^(bs-1-b)
+    diagonal_decay = decay_tables[2][:, :block, :block]  # λ^(a-b), exact 0 for b > a
+    batch, num_heads, length, head_dim = query.shape
+    num_blocks = length // block
+    blocks = (batch, num_heads, num_blocks, block)
+    query = query.reshape(*blocks, head_dim)  # views: T splits into (n, bs) without a copy
+    key = key.reshape(*blocks, head_dim)
+    value = value.reshape(*blocks, value.shape[-1])
+
+    scores = torch.matmul(query, key.transpose(-1, -2)) * diagonal_decay[:, None]
+    out = torch.matmul(scores, value)
+    block_states = torch.matmul((key * key_decay[:, None, :, None]).transpose(-1, -2), value)  # [B, H, n, d, d]
+
+    carry = query_decay[:, -1, None, None]  # λ^bs
+    entering = []
+    for index in range(num_blocks):
+        entering.append(state)
+        state = torch.addcmul(block_states[:, :, index], state, carry)
+    entering = torch.stack(entering, dim=2)  # the state before each block
+    out = out + torch.matmul(query * query_decay[:, None, :, None], entering)  # λ^(a+1) S_n
+    return out.reshape(batch, num_heads, length, -1), state
+
+
 def _lightning_per_token_states(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -199,7 +238,15 @@ def lightning_attention_blockwise(
     num_recorded = min(keep_states, length)
     blocked_length = length - num_recorded
     outputs = []
-    for start in range(0, blocked_length, block_size):
+    done = 0
+    if segment_ids is None and blocked_length >= block_size:
+        # One sequence per row: all whole blocks in one batched pass; a shorter last block goes through the loop.
+        done = blocked_length - blocked_length % block_size
+        out, state = _lightning_full_blocks(
+            query[:, :, :done], key[:, :, :done], value[:, :, :done], state, decay_tables, block_size
+        )
+        outputs.append(out)
+    for start in range(done, blocked_length, block_size):
         end = min(start + block_size, blocked_length)
         block_segments = segment_ids[:, start:end] if segment_ids is not None else None
         out, state = _lightning_block(
@@ -248,6 +295,8 @@ def lightning_attention_step(
 
 # --------------------------------------------------------------------------------------------------------- module
 _BUFFER_NAMES = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+# Long prefills without packed sequences run the layer over runs of this many tokens (see `_attend_in_chunks`).
+_PREFILL_CHUNK = 2048
 
 
 class DecoderOnlyLightningAttention(nn.Module):
@@ -299,6 +348,47 @@ class DecoderOnlyLightningAttention(nn.Module):
         decay_rates, *tables = (value.to(device) for value in self._buffer_values(dtype))
         return decay_rates, tuple(tables)
 
+    def _attend(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        state: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        num_recorded: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The layer on one run of tokens: `(out [B, T, D], final state, recorded states or None)`."""
+        batch, length, _ = hidden_states.shape
+        qkv = F.silu(self.qkv_proj(hidden_states))
+        if token_mask is not None:
+            qkv = qkv * token_mask[:, :, None].to(qkv.dtype)
+        # One copy to `[B, H, T, 3d]` so that q, k and v (and their blocks) are batched-matmul operands without copies.
+        qkv = qkv.view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        if length > 1:
+            qkv = qkv.contiguous()
+        query, key, value = qkv.split(self.head_dim, dim=-1)
+        dtype = _accumulation_dtype(hidden_states.dtype)
+        decay_rates, decay_tables = self._decay(dtype, hidden_states.device)
+
+        if length == 1 and state is not None:
+            out, final_state = lightning_attention_step(query, key, value, decay_rates, state)
+            recorded = final_state[:, :, None] if num_recorded else None
+        else:
+            out, final_state, recorded = lightning_attention_blockwise(
+                query,
+                key,
+                value,
+                decay_rates,
+                self.block_size,
+                initial_state=state,
+                segment_ids=segment_ids,
+                keep_states=num_recorded,
+                decay_tables=decay_tables,
+            )
+        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim).to(hidden_states.dtype)
+        out = self.norm(out)
+        out = torch.sigmoid(self.output_gate(hidden_states)) * out
+        return self.out_proj(out), final_state, recorded
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @deprecate_kwarg("cache_params", "5.40.0", new_name="cache")  # the old name of transformers' linear-attention layers
     def forward(
@@ -317,17 +407,15 @@ class DecoderOnlyLightningAttention(nn.Module):
         restart inside a row mark packed sequences; the state restarts at each of them. `position_embeddings` is
         unused (no RoPE in lightning layers).
         """
-        batch, length, _ = hidden_states.shape
-        qkv = F.silu(self.qkv_proj(hidden_states))
+        length = hidden_states.shape[1]
+        token_mask = None
         if attention_mask is not None:
             if attention_mask.ndim != 2:
                 raise ValueError(
                     f"DecoderOnlyLightningAttention: `attention_mask` must be the 2-D padding mask [batch, tokens] "
                     f"(create_recurrent_attention_mask), got shape {tuple(attention_mask.shape)}."
                 )
-            qkv = qkv * attention_mask[:, -length:, None].to(qkv.dtype)
-        qkv = qkv.view(batch, length, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        query, key, value = qkv.split(self.head_dim, dim=-1)
+            token_mask = attention_mask[:, -length:]
 
         state = cache.get_recurrent_state(self.layer_idx) if cache is not None else None
         if state is not None and torch.is_grad_enabled():
@@ -336,33 +424,36 @@ class DecoderOnlyLightningAttention(nn.Module):
         # A rollback of r <= keep tokens after a forward of `keep + 1` verified tokens needs the states after the
         # last `keep + 1` tokens (transformers-v5.md §8.3).
         num_recorded = min(length, states_to_keep + 1) if states_to_keep else 0
-        dtype = _accumulation_dtype(hidden_states.dtype)
-        decay_rates, decay_tables = self._decay(dtype, hidden_states.device)
+        segment_ids = None
+        if position_ids is not None and not (length == 1 and state is not None):
+            segment_ids = find_packed_sequence_indices(position_ids)
 
-        if length == 1 and state is not None:
-            out, final_state = lightning_attention_step(query, key, value, decay_rates, state)
-            recorded = final_state[:, :, None] if num_recorded else None
+        if segment_ids is not None or length <= _PREFILL_CHUNK:
+            out, final_state, recorded = self._attend(hidden_states, token_mask, state, segment_ids, num_recorded)
         else:
-            segment_ids = find_packed_sequence_indices(position_ids) if position_ids is not None else None
-            out, final_state, recorded = lightning_attention_blockwise(
-                query,
-                key,
-                value,
-                decay_rates,
-                self.block_size,
-                initial_state=state,
-                segment_ids=segment_ids,
-                keep_states=num_recorded,
-                decay_tables=decay_tables,
-            )
+            out, final_state, recorded = self._attend_in_chunks(hidden_states, token_mask, state, num_recorded)
         if cache is not None:
             new_states = list(recorded.unbind(2)) if num_recorded else final_state
             cache.update_recurrent_state(new_states, self.layer_idx, num_new_tokens=length)
+        return out, None
 
-        out = out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim).to(hidden_states.dtype)
-        out = self.norm(out)
-        out = torch.sigmoid(self.output_gate(hidden_states)) * out
-        return self.out_proj(out), None
+    def _attend_in_chunks(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, state: torch.Tensor | None, num_recorded: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`_attend` over runs of `_PREFILL_CHUNK` tokens, carrying the state: the same result (the layer is causal and
+        per-token outside the core), but every intermediate stays small. Tensors above glibc's 32 MB mmap threshold
+        are fresh pages on every call, and their page faults made long prefills grow faster than linearly."""
+        length = hidden_states.shape[1]
+        outputs, recorded = [], []
+        for start in range(0, length, _PREFILL_CHUNK):
+            end = min(start + _PREFILL_CHUNK, length)
+            keep = max(0, min(end - start, num_recorded - (length - end)))  # recorded tokens inside this chunk
+            mask = token_mask[:, start:end] if token_mask is not None else None
+            out, state, states = self._attend(hidden_states[:, start:end], mask, state, None, keep)
+            outputs.append(out)
+            if states is not None:
+                recorded.append(states)
+        return torch.cat(outputs, dim=1), state, torch.cat(recorded, dim=2) if recorded else None
 
 
 __all__ = [

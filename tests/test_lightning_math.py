@@ -365,6 +365,37 @@ def test_layer_prefill_then_decode_equals_full_forward(dtype, tol):
     assert max_err(torch.cat(pieces, dim=1), full) <= tol
 
 
+@pytest.mark.parametrize("keep", [0, 6])
+def test_layer_in_token_chunks_equals_one_pass(monkeypatch, keep):
+    """Long prefills run the layer over runs of `_PREFILL_CHUNK` tokens: outputs, final state and recorded states
+    (here spanning a chunk boundary) equal a single pass, also from a cached state with a left-padded row."""
+    import modeling.lightning_attention as lightning_module
+
+    layer = lightning_layer()
+    hidden = hidden_states(length=17)
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[0, :3] = 0
+
+    def run(chunk):
+        monkeypatch.setattr(lightning_module, "_PREFILL_CHUNK", chunk)
+        cache = fresh_cache(layer.config)
+        with torch.no_grad():
+            first, _ = layer(hidden[:, :4], attention_mask=mask[:, :4], cache=cache)
+            if keep:
+                cache.activate_past_recording(recurrent_states_to_keep=keep)
+            second, _ = layer(hidden[:, 4:], attention_mask=mask, cache=cache)
+        history = cache.layers[0].recurrent_states_history[0] if keep else []
+        return torch.cat([first, second], dim=1), cache.layers[0].recurrent_states[0], history
+
+    out, state, history = run(1000)
+    for chunk in (1, 3, 5):
+        chunked_out, chunked_state, chunked_history = run(chunk)
+        assert max_err(chunked_out, out) <= 1e-12
+        assert max_err(chunked_state, state) <= 1e-12
+        assert len(chunked_history) == len(history) == (keep + 1 if keep else 0)
+        assert all(max_err(a, b) <= 1e-12 for a, b in zip(chunked_history, history))
+
+
 def test_layer_does_not_depend_on_block_size():
     hidden = hidden_states(length=17)
     with torch.no_grad():
