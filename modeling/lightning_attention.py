@@ -329,6 +329,9 @@ class DecoderOnlyLightningAttention(nn.Module):
         # Non-persistent, so checkpoints do not depend on `block_size`; `_init_weights` refills them (`init_buffers`).
         for name, value in self.init_buffers().items():
             self.register_buffer(name, value, persistent=False)
+        # Tables for accumulation dtypes the fp32 buffers cannot serve, by (dtype, device); they depend on the
+        # config alone, so they never go stale.
+        self._decay_cache: dict[tuple[torch.dtype, torch.device], tuple] = {}
 
     def _buffer_values(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
         """`(decay rates [H], query_decay [H, bs], key_decay [H, bs], diagonal_decay [H, bs, bs])`, from float64."""
@@ -344,11 +347,14 @@ class DecoderOnlyLightningAttention(nn.Module):
     def _decay(self, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """Decay rates and tables in the accumulation dtype. The fp32 buffers serve fp32 accumulation; float64, or
         buffers that a `.to(...)` has cast (bf16 rounds them, float64 only widens fp32 values), get tables recomputed
-        from float64 (cheap: `H·bs²` exponentials)."""
+        from float64 once per (dtype, device) and cached."""
         if dtype == torch.float32 and self.slope_rate.dtype == torch.float32:
             return self.slope_rate, (self.query_decay, self.key_decay, self.diagonal_decay)
-        decay_rates, *tables = (value.to(device) for value in self._buffer_values(dtype))
-        return decay_rates, tuple(tables)
+        key = (dtype, torch.device(device))
+        if key not in self._decay_cache:
+            decay_rates, *tables = (value.to(device) for value in self._buffer_values(dtype))
+            self._decay_cache[key] = decay_rates, tuple(tables)
+        return self._decay_cache[key]
 
     def _attend(
         self,
