@@ -120,7 +120,9 @@ def bench_minimax(lengths, lightning_config, lightning, minimax, repeats, contin
 
         t_ours_c = median_seconds(run_ours, repeats)
         t_ref_c = median_seconds(run_ref, repeats)
-        rows.append([length, t_ours * 1e3, t_ref * 1e3, t_ref / t_ours, t_ours_c * 1e3, t_ref_c * 1e3, t_ref_c / t_ours_c])
+        rows.append(
+            [length, t_ours * 1e3, t_ref * 1e3, t_ref / t_ours, t_ours_c * 1e3, t_ref_c * 1e3, t_ref_c / t_ours_c]
+        )
     return rows
 
 
@@ -136,8 +138,10 @@ def main() -> None:
     contexts = [256, 1024] if args.quick else [256, 1024, 4096, 16384]
     repeats = 2 if args.quick else args.repeats
     lightning_config, lightning, gqa_config, gqa, rotary, minimax = build_layers(args.block_size)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {HIDDEN}, {HEADS} heads "
-          f"(GQA: {KV_HEADS} kv heads), batch 1, block_size {args.block_size}; medians of {repeats} runs")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; hidden {HIDDEN}, {HEADS} heads "
+        f"(GQA: {KV_HEADS} kv heads), batch 1, block_size {args.block_size}; medians of {repeats} runs"
+    )
 
     prefill = bench_prefill(lengths, lightning, gqa, rotary, repeats)
     print_table("Prefill, one layer (ms)", ["tokens", "lightning", "gqa_sdpa", "gqa/lightning"], prefill)
@@ -147,7 +151,9 @@ def main() -> None:
 
     decode = bench_decode(contexts, lightning_config, lightning, gqa_config, gqa, rotary, steps=3 * repeats)
     print_table("Decode, one token (ms)", ["context", "lightning", "gqa_sdpa"], decode)
-    print(f"lightning decode t({decode[-1][0]})/t({decode[0][0]}) = {decode[-1][1] / decode[0][1]:.2f}  (target <= 1.2)")
+    print(
+        f"lightning decode t({decode[-1][0]})/t({decode[0][0]}) = {decode[-1][1] / decode[0][1]:.2f}  (target <= 1.2)"
+    )
 
     minimax_lengths = [1024, 2048] if args.quick else [2048, 8192]
     versus = bench_minimax(minimax_lengths, lightning_config, lightning, minimax, repeats)
@@ -159,15 +165,33 @@ def main() -> None:
     path = save_plot(
         "lightning",
         [
-            {"title": "Prefill (one layer)", "xlabel": "tokens", "ylabel": "ms", "series": {
-                "lightning": ([r[0] for r in prefill], [r[1] for r in prefill]),
-                "gqa sdpa": ([r[0] for r in prefill], [r[2] for r in prefill])}},
-            {"title": "Decode per token", "xlabel": "context tokens", "ylabel": "ms", "series": {
-                "lightning": ([r[0] for r in decode], [r[1] for r in decode]),
-                "gqa sdpa": ([r[0] for r in decode], [r[2] for r in decode])}},
-            {"title": "vs MiniMax: 256-token continuation", "xlabel": "cached tokens", "ylabel": "ms", "series": {
-                "ours": ([r[0] for r in versus], [r[4] for r in versus]),
-                "MiniMax": ([r[0] for r in versus], [r[5] for r in versus])}},
+            {
+                "title": "Prefill (one layer)",
+                "xlabel": "tokens",
+                "ylabel": "ms",
+                "series": {
+                    "lightning": ([r[0] for r in prefill], [r[1] for r in prefill]),
+                    "gqa sdpa": ([r[0] for r in prefill], [r[2] for r in prefill]),
+                },
+            },
+            {
+                "title": "Decode per token",
+                "xlabel": "context tokens",
+                "ylabel": "ms",
+                "series": {
+                    "lightning": ([r[0] for r in decode], [r[1] for r in decode]),
+                    "gqa sdpa": ([r[0] for r in decode], [r[2] for r in decode]),
+                },
+            },
+            {
+                "title": "vs MiniMax: 256-token continuation",
+                "xlabel": "cached tokens",
+                "ylabel": "ms",
+                "series": {
+                    "ours": ([r[0] for r in versus], [r[4] for r in versus]),
+                    "MiniMax": ([r[0] for r in versus], [r[5] for r in versus]),
+                },
+            },
         ],
     )
     print(f"\nplot: {path}")

@@ -18,7 +18,11 @@ from transformers.modeling_rope_utils import RopeParameters
 
 ATTENTION_TYPES = ("gqa", "lightning", "dual_chunk")
 # transformers' cache/mask layer kind of each attention type.
-ATTENTION_TYPE_TO_LAYER_TYPE = {"gqa": "full_attention", "lightning": "linear_attention", "dual_chunk": "full_attention"}
+ATTENTION_TYPE_TO_LAYER_TYPE = {
+    "gqa": "full_attention",
+    "lightning": "linear_attention",
+    "dual_chunk": "full_attention",
+}
 FINAL_NORMS = ("layernorm", "rmsnorm")
 SWIGLU_EXPANSION = 2.667
 
@@ -83,8 +87,8 @@ class DecoderOnlyConfig(PreTrainedConfig):
     rms_norm_eps (1e-6), layer_norm_eps (1e-5, final LayerNorm), final_norm (`"layernorm"` | `"rmsnorm"`),
     max_position_embeddings (2048, or `yarn_original_max_position * yarn_scale` with YaRN; not a length limit),
     rope_parameters (`rope_theta` 10000), attention_bias (q/k/v/o of softmax and dual_chunk layers),
-    attention_output_bias (o_proj only; defaults to attention_bias, False for Qwen2's pattern), mlp_bias, attention_dropout (0), initializer_range,
-    tie_word_embeddings, pad/bos/eos token ids, use_cache.
+    attention_output_bias (o_proj only; defaults to attention_bias, False for Qwen2's pattern), mlp_bias,
+    attention_dropout (0), initializer_range, tie_word_embeddings, pad/bos/eos token ids, use_cache.
     """
 
     model_type = "decoder_only"
@@ -167,9 +171,7 @@ class DecoderOnlyConfig(PreTrainedConfig):
         self._derive_rope(kwargs)
         self._derive_dual_chunk()
         if self.max_position_embeddings is None:
-            self.max_position_embeddings = (
-                int(self.yarn_original_max_position * self.yarn_scale) if self.yarn else 2048
-            )
+            self.max_position_embeddings = int(self.yarn_original_max_position * self.yarn_scale) if self.yarn else 2048
         super().__post_init__(**kwargs)
 
     # ----------------------------------------------------------------------------------------------- derivations
@@ -216,7 +218,8 @@ class DecoderOnlyConfig(PreTrainedConfig):
         if self.yarn and "dual_chunk" in self.attention_types:
             warnings.warn(
                 "DecoderOnlyConfig: yarn=True applies only to gqa layers; dual_chunk layers use plain RoPE "
-                "frequencies and their own temperature (dual_chunk_attention_config['original_max_position_embeddings'])."
+                "frequencies and their own temperature "
+                "(dual_chunk_attention_config['original_max_position_embeddings'])."
             )
 
     def _derive_dual_chunk(self) -> None:

@@ -97,4 +97,12 @@ def shard_report(model, reference, logits, expected) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # Tear the gloo process group down explicitly: left to interpreter exit, its threads can abort the process
+        # ("terminate called without an active exception") after training has finished.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()

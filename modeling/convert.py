@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = DecoderOnlyForCausalLM.from_llama(args.source, **overrides)
     model.save_pretrained(args.destination)
-    print(f"wrote {args.destination}: {model.config.attention_types} ({sum(p.numel() for p in model.parameters())} parameters)")
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(f"wrote {args.destination}: {model.config.attention_types} ({num_parameters} parameters)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_recurrent_attention_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple
@@ -176,7 +180,9 @@ class DecoderOnlyModel(DecoderOnlyPreTrainedModel):
         if position_ids is None:
             position_ids = default_position_ids(hidden_states, attention_mask, cache)
 
-        padding_mask = attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        padding_mask = (
+            attention_mask if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 else None
+        )
         if not isinstance(attention_mask, dict):  # generate() may pass the per-kind masks already built
             attention_mask = self._layer_masks(hidden_states, attention_mask, cache, position_ids)
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
@@ -256,7 +262,9 @@ class DecoderOnlyModel(DecoderOnlyPreTrainedModel):
                     f"`attention_mask` rows {empty.nonzero().flatten().tolist()} contain no real token (all zeros)."
                 )
         if position_ids is not None and position_ids.shape[-1] != seq:
-            raise ValueError(f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}.")
+            raise ValueError(
+                f"`position_ids` must have {seq} positions per row, got shape {tuple(position_ids.shape)}."
+            )
 
 
 def default_position_ids(

@@ -33,3 +33,26 @@ def randomize_(model: torch.nn.Module, scale: float = 0.2, seed: int = 0) -> tor
         else:
             param.copy_(scale * noise)
     return model
+
+
+def assert_cached_generation_matches(model, prompts: torch.Tensor, **generate_kwargs) -> torch.Tensor:
+    """`generate()` with the cache gives exactly the tokens of `use_cache=False`; returns the cached result."""
+    cached = model.generate(prompts, **generate_kwargs)
+    assert torch.equal(cached, model.generate(prompts, use_cache=False, **generate_kwargs))
+    return cached
+
+
+def assert_left_padding_matches_alone(
+    model, rows: list[torch.Tensor], pad_token_id: int = 0, **generate_kwargs
+) -> None:
+    """A left-padded batch generates, row by row, the same new tokens as each row alone."""
+    width = max(len(row) for row in rows)
+    pads = [torch.full((width - len(row),), pad_token_id, dtype=torch.long) for row in rows]
+    input_ids = torch.stack([torch.cat([pad, row]) for pad, row in zip(pads, rows)])
+    attention_mask = torch.stack(
+        [torch.cat([torch.zeros_like(pad), torch.ones_like(row)]) for pad, row in zip(pads, rows)]
+    )
+    batch = model.generate(input_ids, attention_mask=attention_mask, **generate_kwargs)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], **generate_kwargs)
+        assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i}"

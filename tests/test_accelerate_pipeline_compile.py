@@ -21,12 +21,7 @@ import finetune_causal_lm  # noqa: E402
 PROMPTS = ["the miller crosses", "a heron"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -56,8 +56,19 @@ def test_seed_names_are_the_same_attributes():
 
 @pytest.mark.parametrize(
     "hidden, intermediate",
-    [(16, 48), (32, 88), (48, 128), (64, 176), (128, 344), (256, 688), (512, 1368), (768, 2048), (1024, 2736),
-     (2048, 5464), (4096, 10928)],
+    [
+        (16, 48),
+        (32, 88),
+        (48, 128),
+        (64, 176),
+        (128, 344),
+        (256, 688),
+        (512, 1368),
+        (768, 2048),
+        (1024, 2736),
+        (2048, 5464),
+        (4096, 10928),
+    ],
 )
 def test_intermediate_size_table(hidden, intermediate):
     assert default_intermediate_size(hidden) == intermediate  # seed-spec §6.2 table

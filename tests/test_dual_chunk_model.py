@@ -6,7 +6,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from configuration import DecoderOnlyConfig
-from helpers import randomize_, tiny_config
+from helpers import assert_cached_generation_matches, assert_left_padding_matches_alone, randomize_, tiny_config
 from modeling import DecoderOnlyForCausalLM
 from modeling.dual_chunk_attention import DecoderOnlyDualChunkAttention
 
@@ -32,8 +32,7 @@ def test_layers_are_dual_chunk():
 def test_greedy_cached_equals_uncached(attn):
     model = make_model(attn)
     kwargs = {"max_new_tokens": 16, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     with torch.no_grad():
         logits = model(cached).logits
     assert torch.equal(logits[:, 8:-1].argmax(-1), cached[:, 9:])
@@ -42,9 +41,8 @@ def test_greedy_cached_equals_uncached(attn):
 def test_beam_search_cached_equals_uncached():
     model = make_model()
     kwargs = {"max_new_tokens": 12, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     assert cached.shape == (6, 21)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -52,14 +50,8 @@ def test_left_padded_batch_equals_each_row_alone(attn):
     """Chunks come from position ids, so a row's chunk borders do not move with its padding."""
     model = make_model(attn)
     rows = [PROMPTS[0, :4], PROMPTS[1, :9], PROMPTS[2, :6]]
-    width = max(len(r) for r in rows)
-    input_ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
-    attention_mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]).long() for r in rows])
     kwargs = {"max_new_tokens": 16, "do_sample": False}
-    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], **kwargs)
-        assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i}"
+    assert_left_padding_matches_alone(model, rows, **kwargs)
 
 
 def test_prefill_then_single_steps_equal_full_forward():

@@ -3,14 +3,19 @@
 import pytest
 import torch
 
-from helpers import randomize_, tiny_config
+from helpers import assert_cached_generation_matches, assert_left_padding_matches_alone, randomize_, tiny_config
 from modeling import DecoderOnlyForCausalLM
 
 
 LAYOUTS = {
     "gqa": {},
-    "irope_yarn": {"num_hidden_layers": 3, "interleave_rope": True, "yarn": True, "yarn_scale": 4,
-                   "yarn_original_max_position": 8},
+    "irope_yarn": {
+        "num_hidden_layers": 3,
+        "interleave_rope": True,
+        "yarn": True,
+        "yarn_scale": 4,
+        "yarn_original_max_position": 8,
+    },
 }
 
 
@@ -27,8 +32,7 @@ PROMPTS = torch.randint(1, 64, (3, 9), generator=torch.Generator().manual_seed(0
 def test_greedy_cached_equals_uncached(layout, attn):
     model = make_model(layout, attn)
     kwargs = {"max_new_tokens": 10, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     # And the greedy tokens are the argmax of a full forward over the generated sequence.
     with torch.no_grad():
         logits = model(cached).logits
@@ -50,23 +54,16 @@ def test_sampling_with_a_fixed_seed_cached_equals_uncached(layout):
 def test_beam_search_cached_equals_uncached(layout):
     model = make_model(layout)
     kwargs = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     assert cached.shape == (6, 17)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_left_padded_batch_equals_each_row_alone(layout):
     model = make_model(layout)
     rows = [PROMPTS[0, :4], PROMPTS[1, :9], PROMPTS[2, :6]]
-    width = max(len(r) for r in rows)
-    input_ids = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
-    attention_mask = torch.stack([torch.cat([torch.zeros(width - len(r)), torch.ones(len(r))]).long() for r in rows])
     kwargs = {"max_new_tokens": 8, "do_sample": False}
-    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], **kwargs)
-        assert torch.equal(batch[i, width:], alone[0, len(row):]), f"row {i}"
+    assert_left_padding_matches_alone(model, rows, **kwargs)
 
 
 def test_prefill_then_single_steps_equal_full_forward():

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from configuration import DecoderOnlyConfig, hybrid_attention_types
-from helpers import randomize_, tiny_config
+from helpers import assert_cached_generation_matches, assert_left_padding_matches_alone, randomize_, tiny_config
 from modeling import DecoderOnlyForCausalLM
 from modeling.lightning_attention import DecoderOnlyLightningAttention, lightning_decay_rates
 from modeling.recurrent_cache import DecoderOnlyLinearAttentionLayer
@@ -64,8 +64,7 @@ def test_prefill_then_steps_equal_full_forward(layout):
 def test_greedy_cached_equals_uncached(layout):
     model = make_model(layout)
     kwargs = {"max_new_tokens": 10, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     with torch.no_grad():
         logits = model(cached).logits
     assert torch.equal(logits[:, 8:-1].argmax(-1), cached[:, 9:])
@@ -75,24 +74,16 @@ def test_greedy_cached_equals_uncached(layout):
 def test_beam_search_cached_equals_uncached(layout):
     model = make_model(layout)
     kwargs = {"max_new_tokens": 8, "num_beams": 3, "num_return_sequences": 2, "do_sample": False}
-    cached = model.generate(PROMPTS, **kwargs)
+    cached = assert_cached_generation_matches(model, PROMPTS, **kwargs)
     assert cached.shape == (6, 17)
-    assert torch.equal(cached, model.generate(PROMPTS, use_cache=False, **kwargs))
 
 
 @pytest.mark.parametrize("layout", ["lightning", "hybrid"])
 def test_left_padded_batch_equals_each_row_alone(layout):
     model = make_model(layout)
     rows = [PROMPTS[0, :4], PROMPTS[1, :9], PROMPTS[2, :6]]
-    width = max(len(row) for row in rows)
-    input_ids = torch.stack([torch.cat([torch.zeros(width - len(row), dtype=torch.long), row]) for row in rows])
-    attention_mask = (input_ids != 0).long()
-    assert attention_mask.sum().item() == sum(len(row) for row in rows)
     kwargs = {"max_new_tokens": 8, "do_sample": False}
-    batch = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    for i, row in enumerate(rows):
-        alone = model.generate(row[None], **kwargs)
-        assert torch.equal(batch[i, width:], alone[0, len(row) :]), f"row {i}"
+    assert_left_padding_matches_alone(model, rows, **kwargs)
 
 
 @pytest.mark.parametrize("layout", ["lightning", "hybrid"])

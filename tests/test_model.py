@@ -18,7 +18,11 @@ def test_seed_build_shapes_and_defaults():
     model = DecoderOnly.build(embed_dim=287, hidden_size=256, num_heads=8, num_kv_heads=2, num_layers=6).eval()
     config = model.config
     assert (config.embed_dim, config.hidden_size, config.num_heads, config.num_kv_heads, config.num_layers) == (
-        287, 256, 8, 2, 6,
+        287,
+        256,
+        8,
+        2,
+        6,
     )
     assert (config.dropout, config.window_size, config.block_size, config.chunk_size) == (0.1, 60, 64, 64)
     features = torch.randn(3, 60, 287)
@@ -120,7 +124,11 @@ def test_tied_embeddings():
 AUTO_CASES = [
     (AutoModel, DecoderOnlyModel, {}),
     (AutoModelForCausalLM, DecoderOnlyForCausalLM, {}),
-    (AutoModelForCausalLM, DecoderOnlyForCausalLM, {"tie_word_embeddings": True, "yarn": True, "interleave_rope": True}),
+    (
+        AutoModelForCausalLM,
+        DecoderOnlyForCausalLM,
+        {"tie_word_embeddings": True, "yarn": True, "interleave_rope": True},
+    ),
     (AutoModelForSequenceClassification, DecoderOnlyForSequenceClassification, {"embed_dim": 12, "num_labels": 4}),
 ]
 
@@ -137,7 +145,11 @@ def test_save_and_load_through_auto_classes_is_bit_exact(tmp_path, auto_class, c
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(model.named_buffers(), loaded.named_buffers()):
         assert torch.equal(a, b), name
-    kwargs = {"inputs_embeds": torch.randn(2, 5, 12)} if "embed_dim" in overrides else {"input_ids": torch.randint(0, 64, (2, 5))}
+    kwargs = (
+        {"inputs_embeds": torch.randn(2, 5, 12)}
+        if "embed_dim" in overrides
+        else {"input_ids": torch.randint(0, 64, (2, 5))}
+    )
     with torch.no_grad():
         first, second = model(**kwargs), loaded(**kwargs)
     assert torch.equal(first[0], second[0])
@@ -189,21 +201,36 @@ def test_sequences_longer_than_max_position_embeddings_are_allowed():
     "kwargs, error, message",
     [
         ({}, ValueError, "exactly one of `input_ids` or `inputs_embeds`"),
-        ({"input_ids": torch.zeros(1, 3, dtype=torch.long), "inputs_embeds": torch.zeros(1, 3, 12)}, ValueError,
-         "exactly one"),
+        (
+            {"input_ids": torch.zeros(1, 3, dtype=torch.long), "inputs_embeds": torch.zeros(1, 3, 12)},
+            ValueError,
+            "exactly one",
+        ),
         ({"inputs_embeds": torch.zeros(1, 3, 13)}, ValueError, r"embed_dim=12\], got shape \(1, 3, 13\)"),
         ({"inputs_embeds": torch.zeros(3, 12)}, ValueError, "inputs_embeds` must be"),
         ({"input_ids": torch.tensor([[1, 64]])}, ValueError, r"\[0, vocab_size=64\), got values in \[1, 64\]"),
         ({"input_ids": torch.tensor([[-1, 2]])}, ValueError, "vocab_size=64"),
         ({"input_ids": torch.zeros(1, 3, 12)}, TypeError, "pass continuous feature vectors"),
-        ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)}, ValueError,
-         r"attention_mask` must be \[batch=2"),
-        ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 2)}, ValueError,
-         "attention_mask"),
-        ({"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [0, 0, 0]])},
-         ValueError, r"rows \[1\] contain no real token"),
-        ({"input_ids": torch.zeros(1, 3, dtype=torch.long), "position_ids": torch.arange(4)[None]}, ValueError,
-         "position_ids"),
+        (
+            {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(3, 3)},
+            ValueError,
+            r"attention_mask` must be \[batch=2",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 2)},
+            ValueError,
+            "attention_mask",
+        ),
+        (
+            {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [0, 0, 0]])},
+            ValueError,
+            r"rows \[1\] contain no real token",
+        ),
+        (
+            {"input_ids": torch.zeros(1, 3, dtype=torch.long), "position_ids": torch.arange(4)[None]},
+            ValueError,
+            "position_ids",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):

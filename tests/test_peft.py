@@ -25,12 +25,7 @@ LLAMA_NAMES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 LIGHTNING_NAMES = ["qkv_proj", "output_gate", "out_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed=0, **overrides) -> DecoderOnlyForCausalLM:
