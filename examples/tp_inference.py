@@ -97,12 +97,6 @@ def shard_report(model, reference, logits, expected) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        # Tear the gloo process group down explicitly: left to interpreter exit, its threads can abort the process
-        # ("terminate called without an active exception") after training has finished.
-        import torch.distributed as dist
+    from train_ddp import run_distributed  # the script's folder is on sys.path when run as a script
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    run_distributed(main)

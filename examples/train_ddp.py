@@ -110,13 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":
+def run_distributed(entry_point) -> None:
+    """Run `entry_point()`, then destroy the process group explicitly: left to interpreter exit, gloo's threads can
+    abort the process ("terminate called without an active exception") after the work has finished."""
     try:
-        main()
+        entry_point()
     finally:
-        # Tear the gloo process group down explicitly: left to interpreter exit, its threads can abort the process
-        # ("terminate called without an active exception") after training has finished.
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run_distributed(main)
